@@ -1,0 +1,381 @@
+"""Configuration: TOML files, ``EDGED_*`` environment and flags, decoded into frozen structs.
+
+Precedence, lowest first: ``/etc/edged/edged.toml`` (or ``--config``), ``edged.d/*.toml`` beside
+it in name order, ``EDGED_*`` variables, command-line flags. Every layer is merged as a plain
+dict and the result is decoded once by msgspec, so an unknown key or a value of the wrong type
+is an error that names the key path (``sampling.interval``) and the expected type.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+DEFAULT_CONFIG_PATH = Path("/etc/edged/edged.toml")
+ENV_PREFIX = "EDGED_"
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; the message names the file and key path."""
+
+    def __init__(self, message: str, source: str = "", key: str = "") -> None:
+        super().__init__(f"{source}: {message}" if source else message)
+        self.source = source
+        self.key = key
+
+
+_DURATION_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGTP]i?B?|B)?\s*$", re.IGNORECASE)
+_SIZE_FACTOR = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "ki": 1024,
+                "m": 1000**2, "mb": 1000**2, "mib": 1024**2, "mi": 1024**2,
+                "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "gi": 1024**3,
+                "t": 1000**4, "tb": 1000**4, "tib": 1024**4, "ti": 1024**4,
+                "p": 1000**5, "pb": 1000**5, "pib": 1024**5, "pi": 1024**5}
+
+
+def parse_duration_s(value: float | int | str) -> float:
+    """Seconds from a number (seconds) or a string such as ``"100ms"``, ``"1.5s"``, ``"5m"``."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration (seconds or '100ms', '5m'), got a boolean")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        m = _DURATION_RE.match(value)
+        if not m:
+            raise ValueError(f"expected a duration such as 1.5, '100ms', '5m'; got {value!r}")
+        seconds = float(m.group(1)) * _DURATION_UNIT_S[m.group(2)]
+    if seconds < 0:
+        raise ValueError(f"a duration cannot be negative; got {value!r}")
+    return seconds
+
+
+def parse_size_bytes(value: int | float | str) -> int:
+    """Bytes from a number or a string such as ``"3.5GiB"``, ``"512M"`` (k/M/G are powers of
+    1000, Ki/Mi/Gi powers of 1024, as in systemd's and Kubernetes' quantities)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size in bytes, got a boolean")
+    if isinstance(value, (int, float)):
+        size = float(value)
+    else:
+        m = _SIZE_RE.match(value)
+        if not m:
+            raise ValueError(f"expected a size such as 1073741824, '512MiB', '3.5G'; got {value!r}")
+        size = float(m.group(1)) * _SIZE_FACTOR[(m.group(2) or "").lower()]
+    if size < 0:
+        raise ValueError(f"a size cannot be negative; got {value!r}")
+    return int(size)
+
+
+class Level(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A soft and a hard level for one resource. Values are kept as written ("80%", "3.5GiB",
+    2.5, 85) and resolved against the machine by the policy, which knows the totals."""
+
+    soft: float | int | str | None = None
+    hard: float | int | str | None = None
+    zone: str | None = None  # temperature only: a named thermal zone instead of the hottest
+
+    def __post_init__(self) -> None:
+        for name in ("soft", "hard"):
+            value = getattr(self, name)
+            if isinstance(value, str) and not value.strip().endswith("%"):
+                parse_size_bytes(value)  # raises ValueError with the expected forms
+            if isinstance(value, str) and value.strip().endswith("%"):
+                percent = float(value.strip()[:-1])
+                if not 0 < percent <= 100:
+                    raise ValueError(f"{name}: a percentage must be in (0, 100]; got {value!r}")
+
+
+class Limits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    memory: Level = msgspec.field(default_factory=lambda: Level(soft="90%", hard="95%"))
+    cpu: Level = msgspec.field(default_factory=Level)
+    gpu_memory: Level = msgspec.field(default_factory=Level)
+    power: Level = msgspec.field(default_factory=Level)
+    temperature: Level = msgspec.field(default_factory=Level)
+
+
+class Sampling(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    interval: float | int | str = 1.0
+    history: float | int | str = 300.0
+    # which processes are sampled every tick: those matched by a [[rules]] entry, all, or none
+    processes: Literal["rules", "all", "none"] = "rules"
+    rescan: float | int | str = 5.0  # how often /proc is listed for new processes
+
+    def __post_init__(self) -> None:
+        interval_s = parse_duration_s(self.interval)
+        if not 0.01 <= interval_s <= 3600:
+            raise ValueError(f"interval: must be between 10ms and 1h; got {self.interval!r}")
+        history_s = parse_duration_s(self.history)
+        if history_s < interval_s:
+            raise ValueError("history: must be at least one interval long")
+        parse_duration_s(self.rescan)
+
+    @property
+    def interval_s(self) -> float:
+        return parse_duration_s(self.interval)
+
+    @property
+    def history_s(self) -> float:
+        return parse_duration_s(self.history)
+
+    @property
+    def rescan_s(self) -> float:
+        return parse_duration_s(self.rescan)
+
+
+class Strategy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: Literal["dynamic", "predictive", "adaptive", "cooperative"] = "dynamic"
+    dynamic: dict[str, Any] = msgspec.field(default_factory=dict)
+    predictive: dict[str, Any] = msgspec.field(default_factory=dict)
+    adaptive: dict[str, Any] = msgspec.field(default_factory=dict)
+    cooperative: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class Rule(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Matches processes into a class. Every given matcher must match (AND)."""
+
+    name: str | None = None  # process name (comm), exact
+    exe: str | None = None  # executable path, exact
+    cmdline: str | None = None  # regular expression searched in the command line
+    uid: int | None = None
+    unit: str | None = None  # systemd unit, exact
+    cgroup: str | None = None  # cgroup path prefix
+    # "class" is a Python keyword: the attribute is klass, the TOML key is class
+    klass: Literal["critical", "normal", "besteffort"] = msgspec.field(
+        default="normal", name="class")
+
+    def __post_init__(self) -> None:
+        if all(getattr(self, k) is None for k in ("name", "exe", "cmdline", "uid", "unit",
+                                                   "cgroup")):
+            raise ValueError("a rule needs at least one of name, exe, cmdline, uid, unit, cgroup")
+        if self.cmdline is not None:
+            try:
+                re.compile(self.cmdline)
+            except re.error as exc:
+                raise ValueError(f"cmdline: not a regular expression: {exc}") from exc
+
+
+class Server(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    socket: str = ""  # empty: /run/edged/edged.sock as root, else $XDG_RUNTIME_DIR/edged.sock
+    max_clients: int = 64
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_clients <= 65536:
+            raise ValueError("max_clients: must be between 1 and 65536")
+
+
+class Telemetry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    otlp: str = ""  # OTLP endpoint; empty: OTEL_EXPORTER_OTLP_* variables, else no push
+    protocol: Literal["", "http/protobuf", "grpc"] = ""  # empty: OTEL_EXPORTER_OTLP_PROTOCOL
+    export_interval: float | int | str | None = None  # None: OTEL_METRIC_EXPORT_INTERVAL or 60s
+    headers: dict[str, str] = msgspec.field(default_factory=dict)
+    prometheus: str = "127.0.0.1:9464"  # "host:port" or "off"
+
+    def __post_init__(self) -> None:
+        if self.export_interval is not None:
+            parse_duration_s(self.export_interval)
+        if self.prometheus != "off":
+            parse_listen_address(self.prometheus)
+
+
+class Enforce(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    backend: Literal["auto", "cgroupfs", "systemd", "signals", "none"] = "auto"
+    dry_run: bool = False
+
+
+class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    sampling: Sampling = msgspec.field(default_factory=Sampling)
+    limits: Limits = msgspec.field(default_factory=Limits)
+    strategy: Strategy = msgspec.field(default_factory=Strategy)
+    rules: list[Rule] = msgspec.field(default_factory=list)
+    server: Server = msgspec.field(default_factory=Server)
+    telemetry: Telemetry = msgspec.field(default_factory=Telemetry)
+    enforce: Enforce = msgspec.field(default_factory=Enforce)
+    root: str = ""  # prefix for /proc, /sys, /etc (tests and `--root`); empty: the real ones
+
+
+def parse_listen_address(value: str) -> tuple[str, int]:
+    """``"host:port"`` (``"[::1]:9464"`` for IPv6) into a (host, port) pair."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected 'host:port' or 'off'; got {value!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep merge: tables merge key by key, everything else (arrays included) is replaced."""
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"not valid TOML: {exc}", source=str(path)) from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror}", source=str(path)) from exc
+
+
+def _env_value(raw: str) -> Any:
+    """An environment value as TOML would read it (numbers, booleans, arrays), else a string."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _fields(struct: type[msgspec.Struct]) -> dict[str, Any]:
+    """Encoded field name -> field type, for walking the schema from environment names."""
+    return {f.encode_name: f.type for f in msgspec.structs.fields(struct)}
+
+
+def _env_layer(environ: Mapping[str, str]) -> dict[str, Any]:
+    """``EDGED_SAMPLING_INTERVAL=0.5`` -> ``{"sampling": {"interval": 0.5}}``.
+
+    Names are matched against the schema, so keys with underscores work
+    (``EDGED_SERVER_MAX_CLIENTS``). A name that matches nothing is an error, like an unknown
+    key in a file.
+    """
+    layer: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        rest = name[len(ENV_PREFIX):].lower()
+        struct: type[msgspec.Struct] = Config
+        path: list[str] = []
+        while True:
+            fields = _fields(struct)
+            match = next((k for k in sorted(fields, key=len, reverse=True)
+                          if rest == k or rest.startswith(k + "_")), None)
+            if match is None:
+                raise ConfigError(f"unknown setting {name} (no key {'.'.join([*path, rest])})",
+                                  source="environment", key=".".join([*path, rest]))
+            path.append(match)
+            rest = rest[len(match) + 1:]
+            ftype = fields[match]
+            if rest and isinstance(ftype, type) and issubclass(ftype, msgspec.Struct):
+                struct = ftype
+                continue
+            if rest:
+                raise ConfigError(f"unknown setting {name}", source="environment",
+                                  key=".".join(path))
+            break
+        node = layer
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = _env_value(raw)
+    return layer
+
+
+def _decode(data: Mapping[str, Any], source: str) -> Config:
+    try:
+        return msgspec.convert(data, Config)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        key = ""
+        m = re.search(r" - at `\$\.?(.*)`$", message)
+        if m:
+            key = re.sub(r"\[(\d+)\]", r"[\1]", m.group(1))
+            message = message[: m.start()]
+        unknown = re.match(r"Object contains unknown field `(.+)`", message)
+        if unknown:
+            key = f"{key}.{unknown.group(1)}" if key else unknown.group(1)
+            message = "unknown key"
+        raise ConfigError(f"{key}: {message}" if key else message, source=source, key=key) from exc
+
+
+def load(
+    path: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the effective config from all layers.
+
+    ``path`` None means the default file, which may be absent (safe defaults); a path given
+    explicitly must exist. ``overrides`` is the flags layer, as a nested dict.
+    """
+    environ = os.environ if environ is None else environ
+    explicit = path is not None or bool(environ.get(ENV_PREFIX + "CONFIG"))
+    file_path = Path(path or environ.get(ENV_PREFIX + "CONFIG") or DEFAULT_CONFIG_PATH)
+    data: dict[str, Any] = {}
+    sources: list[str] = []
+    if file_path.exists() or explicit:
+        data = _read_toml(file_path)
+        _decode(data, str(file_path))  # report errors against the file that has them
+        sources.append(str(file_path))
+    dropin_dir = file_path.parent / "edged.d"
+    if dropin_dir.is_dir():
+        for dropin in sorted(dropin_dir.glob("*.toml")):
+            layer = _read_toml(dropin)
+            _decode(_merge(data, layer), str(dropin))
+            data = _merge(data, layer)
+            sources.append(str(dropin))
+    env = {k: v for k, v in environ.items() if k != ENV_PREFIX + "CONFIG"}
+    data = _merge(data, _env_layer(env))
+    _decode(data, "environment")
+    if overrides:
+        data = _merge(data, overrides)
+    return _decode(data, "command line")
+
+
+def dumps_toml(config: Config) -> str:
+    """The effective config as TOML text (what ``edged check-config`` prints)."""
+    data = msgspec.to_builtins(config)
+    lines: list[str] = []
+
+    def scalar(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{_key(k)} = {scalar(x)}" for k, x in v.items()) + " }"
+        if isinstance(v, list):
+            return "[" + ", ".join(scalar(x) for x in v) + "]"
+        return msgspec.json.encode(str(v)).decode()
+
+    def table(prefix: str, body: dict[str, Any]) -> None:
+        plain = {k: v for k, v in body.items() if not isinstance(v, dict) or k == "headers"}
+        nested = {k: v for k, v in body.items() if k not in plain}
+        if plain or not nested:
+            lines.append(f"[{prefix}]")
+            lines.extend(f"{_key(k)} = {scalar(v)}" for k, v in plain.items() if v is not None)
+            lines.append("")
+        for k, v in nested.items():
+            table(f"{prefix}.{k}", v)
+
+    top = {k: v for k, v in data.items() if not isinstance(v, (dict, list))}
+    lines.extend(f"{k} = {scalar(v)}" for k, v in top.items())
+    if top:
+        lines.append("")
+    for key, value in data.items():
+        if isinstance(value, dict):
+            table(key, value)
+        elif isinstance(value, list):
+            for item in value:
+                lines.append(f"[[{key}]]")
+                lines.extend(f"{_key(k)} = {scalar(v)}" for k, v in item.items() if v is not None)
+                lines.append("")
+    return "\n".join(lines)
+
+
+def _key(k: str) -> str:
+    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else msgspec.json.encode(k).decode()
