@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -51,9 +51,35 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.add_marker(pytest.mark.skip(reason=reasons_nvidia))
 
 
+def restore_symlinks(tree: Path) -> int:
+    """Turn flattened links back into symlinks; returns how many.
+
+    The shared fixture trees reach us with their symlinks stored as small regular files whose
+    whole content is the link target (``../cpufreq/policy0``, no newline). Real sysfs
+    attributes end in a newline and device-tree properties in a NUL, so a short file whose
+    content is a bare ``../`` path is a flattened link. Real links are left as they are.
+    """
+    restored = 0
+    for dirpath, _dirs, files in os.walk(tree):  # followlinks=False: trees have link cycles
+        for name in files:
+            path = Path(dirpath) / name
+            if path.is_symlink() or path.stat().st_size > 4096:
+                continue
+            raw = path.read_bytes()
+            if not raw.startswith(b"../") or b"\n" in raw or b"\0" in raw:
+                continue
+            path.unlink()
+            path.symlink_to(raw.decode())
+            restored += 1
+    return restored
+
+
+FixtureTree = Callable[[str], Path]
+
+
 @pytest.fixture
-def fixture_tree(tmp_path: Path) -> Iterator[callable]:  # type: ignore[valid-type]
-    """Copy a tree from the shared fixtures (symlinks kept: sysfs trees have link cycles)."""
+def fixture_tree(tmp_path: Path) -> FixtureTree:
+    """Copy a tree from the shared fixtures, with its symlinks (and their cycles) restored."""
 
     def copy(relative: str) -> Path:
         src = FIXTURES / relative
@@ -61,9 +87,15 @@ def fixture_tree(tmp_path: Path) -> Iterator[callable]:  # type: ignore[valid-ty
             pytest.skip(f"shared fixture {src} not present")
         dst = tmp_path / uuid.uuid4().hex[:8]
         shutil.copytree(src, dst, symlinks=True)
+        for dirpath, dirs, files in os.walk(dst):  # the shared copy is read-only
+            os.chmod(dirpath, 0o755)
+            for name in files:
+                if not os.path.islink(os.path.join(dirpath, name)):
+                    os.chmod(os.path.join(dirpath, name), 0o644)
+        restore_symlinks(dst)
         return dst
 
-    yield copy
+    return copy
 
 
 def require(binary: str) -> str:

@@ -1,0 +1,222 @@
+"""The ``edged`` command line (DESIGN section 7).
+
+Exit codes: 0 ok, 1 error, 2 usage, 3 daemon not running, 4 permission denied, 6 bad config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from edged import __version__
+from edged import config as config_mod
+from edged.metrics import METRICS
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_DENIED, EXIT_BAD_CONFIG = 0, 1, 2, 3, 4, 6
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edged", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"edged {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the daemon in the foreground")
+    run.add_argument("--config", help="config file (default /etc/edged/edged.toml if present)")
+    run.add_argument("--socket", help="Unix socket path to serve")
+    run.add_argument("--strategy", choices=["dynamic", "predictive", "adaptive", "cooperative"])
+    run.add_argument("--interval", help="sampling interval (seconds, or '100ms')")
+    run.add_argument("--otlp", help="OTLP endpoint to push metrics to, e.g. http://127.0.0.1:4318")
+    run.add_argument("--prometheus", metavar="ADDR|off", help="Prometheus listen address or off")
+    run.add_argument("--root", help="read DIR/proc, DIR/sys and DIR/etc instead of the real ones")
+    run.add_argument("--dry-run", action="store_true", help="decide and log, never act")
+    run.add_argument("--log-level", default=os.environ.get("EDGED_LOG_LEVEL", "info"),
+                     choices=["debug", "info", "warning", "error"])
+
+    sensors = sub.add_parser("sensors", help="discover and read every sensor once")
+    sensors.add_argument("--root", help="read DIR/proc, DIR/sys and DIR/etc instead")
+    sensors.add_argument("--json", action="store_true", help="machine-readable output")
+
+    check = sub.add_parser("check-config", help="validate and print the effective config")
+    check.add_argument("--config", help="config file (default /etc/edged/edged.toml)")
+    check.add_argument("--json", action="store_true", help="print it as JSON instead of TOML")
+
+    status = sub.add_parser("status", help="ask the running daemon how it is")
+    status.add_argument("--socket", help="daemon socket (default per DESIGN)")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Flags as a config layer (the highest)."""
+    out: dict[str, Any] = {}
+
+    def put(section: str, key: str, value: Any) -> None:
+        if value is not None:
+            out.setdefault(section, {})[key] = value
+
+    put("sampling", "interval", args.interval)
+    put("server", "socket", args.socket)
+    put("strategy", "name", args.strategy)
+    put("telemetry", "otlp", args.otlp)
+    put("telemetry", "prometheus", args.prometheus)
+    if args.dry_run:
+        put("enforce", "dry_run", True)
+    if args.root is not None:
+        out["root"] = args.root
+    return out
+
+
+def _setup_logging(level: str) -> None:
+    under_journal = bool(os.environ.get("JOURNAL_STREAM"))
+    fmt = "%(levelname)s %(name)s: %(message)s" if under_journal else \
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    _setup_logging(args.log_level)
+    overrides = _overrides(args)
+    try:
+        config = config_mod.load(args.config, overrides=overrides)
+    except config_mod.ConfigError as exc:
+        logging.getLogger("edged").error("bad configuration: %s", exc)
+        return EXIT_BAD_CONFIG
+    from edged.daemon import Daemon
+
+    daemon = Daemon(config, config_path=args.config, overrides=overrides)
+    return asyncio.run(daemon.run())
+
+
+def cmd_sensors(args: argparse.Namespace) -> int:
+    from edged.sampler import Sampler
+    from edged.sensors import Roots, discover_all
+
+    roots = Roots.under(args.root) if args.root else Roots()
+    sensors, discovered = discover_all(roots)
+    sampler = Sampler(sensors)
+    sampler.tick()  # sources that need two reads (utilization, power from energy) get them
+    time.sleep(0.2)
+    snapshot = sampler.tick()
+    sampler.close()
+    tick_status = {s.name: s for s in snapshot.sources}
+    sources = [tick_status.get(s.name, s) for s in discovered]
+    if args.json:
+        out = {
+            "readings": [{"metric": r.metric, "value": r.value, "unit": METRICS[r.metric].unit,
+                          "attributes": dict(r.attributes)} for r in snapshot.readings],
+            "sources": [{"name": s.name, "status": s.status, "detail": s.detail}
+                        for s in sources],
+        }
+        print(json.dumps(out, indent=2))
+    else:
+        for s in sources:
+            print(f"{s.name:<28} {s.status:<7} {s.detail}")
+        print()
+        for r in snapshot.readings:
+            attrs = ", ".join(f"{k}={v}" for k, v in r.attributes.items())
+            print(f"{r.metric:<32} {r.value:>16.6g} {METRICS[r.metric].unit:<6} {attrs}")
+    return EXIT_ERROR if any(s.status == "error" for s in sources) else EXIT_OK
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        config = config_mod.load(args.config)
+    except config_mod.ConfigError as exc:
+        print(f"edged: bad configuration: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    if args.json:
+        import msgspec
+
+        print(msgspec.json.format(msgspec.json.encode(config)).decode())
+    else:
+        print(config_mod.dumps_toml(config), end="")
+    return EXIT_OK
+
+
+class DaemonUnavailable(Exception):
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def call(method: str, params: dict[str, Any] | None = None, socket_path: str | None = None,
+         timeout_s: float = 5.0) -> Any:
+    """One JSON-RPC call to the running daemon (the CLI's own tiny client)."""
+    from edged.server.server import default_socket_path
+
+    path = socket_path or os.environ.get("EDGED_SOCKET") or str(default_socket_path())
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout_s)
+    try:
+        sock.connect(path)
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        raise DaemonUnavailable(f"edged is not running (no daemon on {path})",
+                                EXIT_NOT_RUNNING) from exc
+    except PermissionError as exc:
+        raise DaemonUnavailable(f"permission denied on {path}", EXIT_DENIED) from exc
+    with sock:
+        request = {"jsonrpc": "2.0", "id": 1, "method": method, "params": params or {}}
+        sock.sendall(json.dumps(request).encode() + b"\n")
+        reader = sock.makefile("rb")
+        line = reader.readline()
+    if not line:
+        raise DaemonUnavailable("the daemon closed the connection", EXIT_ERROR)
+    reply = json.loads(line)
+    if "error" in reply:
+        code = EXIT_DENIED if reply["error"].get("code") == 1003 else EXIT_ERROR
+        raise DaemonUnavailable(reply["error"].get("message", "error"), code)
+    return reply["result"]
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    try:
+        result = call("status", socket_path=args.socket)
+    except DaemonUnavailable as exc:
+        print(f"edged: {exc}", file=sys.stderr)
+        return exc.code
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return EXIT_OK
+    print(f"edged {result['version']}: health {result['health']}, strategy {result['strategy']}"
+          f"{' (dry run)' if result['dry_run'] else ''}")
+    print(f"  up {result['uptime_s']:.0f}s, {result['ticks']} ticks every "
+          f"{result['interval_s']:g}s, {result['overruns']} overruns, "
+          f"{result['clients']} clients")
+    usage = result.get("usage", {})
+    if "memory_used_bytes" in usage:
+        used, total = usage["memory_used_bytes"], usage["memory_total_bytes"]
+        print(f"  memory used {used / 2**30:.2f} GiB of {total / 2**30:.2f} GiB "
+              f"({used / total:.0%})")
+    failing = [s for s in result.get("sources", []) if s["status"] != "ok"]
+    for s in failing:
+        print(f"  source {s['name']}: {s['status']} {s['detail']}")
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
+        return int(exc.code or 0)
+    handlers = {"run": cmd_run, "sensors": cmd_sensors, "check-config": cmd_check_config,
+                "status": cmd_status}
+    try:
+        return handlers[args.command](args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

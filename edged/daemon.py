@@ -1,0 +1,294 @@
+"""The daemon: tick -> snapshot -> history/telemetry, the socket server, signals, sd_notify.
+
+One asyncio loop runs everything that is not an exporter thread. Ticks are scheduled on
+absolute deadlines (``start + n * interval``) so the cadence does not drift with the cost of
+a tick; a tick that overruns skips the deadlines it missed instead of bunching up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from edged import __version__, config as config_mod
+from edged.history import History
+from edged.sampler import Sampler
+from edged.sensors import Roots, discover_all
+from edged.sensors.processes import ProcessSensor
+from edged.server import protocol
+from edged.server.server import Peer, Server, bind_unix_socket, default_socket_path
+from edged.snapshot import Snapshot, SourceStatus
+from edged.systemd import Notifier, listen_fds
+
+if TYPE_CHECKING:
+    from edged.telemetry import Telemetry
+
+log = logging.getLogger("edged")
+
+
+def roots_of(config: config_mod.Config) -> Roots:
+    return Roots.under(config.root) if config.root else Roots()
+
+
+class Daemon:
+    """Owns the sensors, the loop and the server for one run of ``edged run``."""
+
+    def __init__(
+        self,
+        config: config_mod.Config,
+        *,
+        config_path: str | None = None,
+        overrides: Mapping[str, Any] | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self.config = config
+        self._config_path = config_path
+        self._overrides = dict(overrides or {})
+        self._environ = os.environ if environ is None else environ
+        self.roots = roots_of(config)
+        self.latest: Snapshot | None = None
+        self.discovery: list[SourceStatus] = []
+        self.history = History(self._history_capacity(config))
+        self.telemetry: Telemetry | None = None
+        self.notifier = Notifier(self._environ)
+        self.server = Server(self._methods(), max_clients=config.server.max_clients)
+        self.socket_path: Path | None = None
+        self._socket_owned = False
+        self._stop = asyncio.Event()
+        self._reload_requested = False
+        self.ticks = 0
+        self.overruns = 0
+        self.started_s = time.monotonic()
+        self._sampler: Sampler | None = None
+
+    @staticmethod
+    def _history_capacity(config: config_mod.Config) -> int:
+        return max(1, round(config.sampling.history_s / config.sampling.interval_s))
+
+    # ---- set-up -------------------------------------------------------------------------
+
+    def _build_sampler(self) -> Sampler:
+        sensors, statuses = discover_all(self.roots)
+        sensors.append(ProcessSensor(self.roots, self.config.rules,
+                                     mode=self.config.sampling.processes,
+                                     rescan_s=self.config.sampling.rescan_s))
+        statuses.append(SourceStatus("processes", "ok"))
+        self.discovery = statuses
+        for status in statuses:
+            if status.status == "ok":
+                log.debug("source %s: ok", status.name)
+            else:
+                log.info("source %s: %s %s", status.name, status.status, status.detail)
+        return Sampler(sensors, on_error=self._sensor_error)
+
+    def _sensor_error(self, name: str) -> None:
+        if self.telemetry is not None:
+            self.telemetry.count_sensor_error(name)
+
+    def _start_telemetry(self) -> None:
+        settings = self.config.telemetry
+        push = bool(settings.otlp or self._environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+                    or self._environ.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"))
+        disabled = self._environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
+        if disabled or (not push and settings.prometheus == "off"):
+            log.info("telemetry: no exporter configured")
+            return
+        from edged.telemetry import Telemetry  # the SDK is imported only when it is used
+
+        self.telemetry = Telemetry(settings, lambda: self.latest, environ=self._environ)
+        if self.telemetry.prometheus_address is not None:
+            host, port = self.telemetry.prometheus_address
+            log.info("prometheus metrics on http://%s:%d/metrics", host, port)
+
+    async def _start_server(self) -> None:
+        fds = listen_fds(unset_environment=True)
+        if fds:
+            sock = socket.socket(fileno=fds[0])
+            for extra in fds[1:]:
+                log.warning("ignoring extra socket-activated fd %d", extra)
+            self.socket_path = Path(sock.getsockname()) if sock.getsockname() else None
+            log.info("serving the socket-activated fd %d (%s)", fds[0], self.socket_path)
+        else:
+            path = Path(self.config.server.socket) if self.config.server.socket \
+                else default_socket_path(self._environ)
+            sock = bind_unix_socket(path)
+            self.socket_path = path
+            self._socket_owned = True
+            log.info("serving on %s", path)
+        await self.server.start(sock)
+
+    # ---- the loop -----------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Run until SIGTERM/SIGINT. Returns the process exit code."""
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._request_reload)
+        self._sampler = self._build_sampler()
+        self._start_telemetry()
+        try:
+            await self._start_server()
+        except OSError as exc:
+            log.error("cannot serve the socket: %s", exc)
+            self._shutdown_parts()
+            return 1
+        try:
+            await self._loop()
+        finally:
+            self.notifier.stopping("stopping")
+            await self.server.close()
+            self._shutdown_parts()
+        log.info("stopped after %d ticks", self.ticks)
+        return 0
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        interval_s = self.config.sampling.interval_s
+        deadline_s = loop.time()
+        while not self._stop.is_set():
+            if self._reload_requested:
+                self._reload_requested = False
+                self._reload()
+                if self.config.sampling.interval_s != interval_s:
+                    interval_s = self.config.sampling.interval_s
+                    deadline_s = loop.time()
+            self._tick()
+            deadline_s += interval_s
+            now_s = loop.time()
+            if deadline_s <= now_s:  # overran: skip the missed deadlines, keep the phase
+                missed = int((now_s - deadline_s) // interval_s) + 1
+                self.overruns += missed
+                deadline_s += missed * interval_s
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), deadline_s - now_s)
+
+    def _tick(self) -> None:
+        assert self._sampler is not None
+        started = time.perf_counter()
+        snapshot = self._sampler.tick()
+        self.latest = snapshot
+        self.history.append(snapshot)
+        self.ticks += 1
+        duration_s = time.perf_counter() - started
+        if self.telemetry is not None:
+            self.telemetry.record_tick(duration_s)
+        if self.ticks == 1:
+            errors = sum(1 for s in snapshot.sources if s.status == "error")
+            self.notifier.ready(f"sampling every {self.config.sampling.interval_s:g}s, "
+                                f"{len(snapshot.sources)} sources, {errors} failing")
+            log.info("edged %s ready: %d sources, interval %gs", __version__,
+                     len(snapshot.sources), self.config.sampling.interval_s)
+        self.notifier.watchdog()
+
+    # ---- reload and shutdown ------------------------------------------------------------
+
+    def _request_reload(self) -> None:
+        self._reload_requested = True
+
+    def _reload(self) -> None:
+        """SIGHUP: re-read the config. A bad file is reported; the old config stays."""
+        self.notifier.reloading("reloading configuration")
+        try:
+            new = config_mod.load(self._config_path, environ=self._environ,
+                                  overrides=self._overrides)
+        except config_mod.ConfigError as exc:
+            log.error("reload refused, keeping the running configuration: %s", exc)
+            self.notifier.ready("reload refused: bad configuration")
+            return
+        old = self.config
+        self.config = new
+        if new.sampling != old.sampling or new.rules != old.rules or new.root != old.root:
+            if self._sampler is not None:
+                self._sampler.close()
+            self.roots = roots_of(new)
+            self._sampler = self._build_sampler()
+            if self._history_capacity(new) != self.history.capacity:
+                self.history = History(self._history_capacity(new))
+        for section in ("telemetry", "server"):
+            if getattr(new, section) != getattr(old, section):
+                log.warning("[%s] changes take effect at the next restart", section)
+        log.info("configuration reloaded")
+        self.notifier.ready("configuration reloaded")
+
+    def _shutdown_parts(self) -> None:
+        if self.telemetry is not None:
+            self.telemetry.shutdown()
+        if self._sampler is not None:
+            self._sampler.close()
+        if self._socket_owned and self.socket_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.socket_path.unlink()
+
+    # ---- methods ------------------------------------------------------------------------
+
+    def _methods(self) -> dict[str, Any]:
+        return {
+            "hello": self._hello,
+            "status": self._status,
+            "snapshot": self._snapshot,
+            "history": self._history,
+        }
+
+    async def _hello(self, peer: Peer, params: Mapping[str, Any]) -> Any:
+        version = params.get("protocol", protocol.PROTOCOL_VERSION)
+        if version != protocol.PROTOCOL_VERSION:
+            raise protocol.RpcError(protocol.INVALID_PARAMS,
+                                    f"unsupported protocol {version!r}; this server speaks 1")
+        return {
+            "server": f"edged {__version__}",
+            "protocol": protocol.PROTOCOL_VERSION,
+            "strategy": self.config.strategy.name,
+            "capabilities": sorted(self.server.methods),
+            "peer": {"pid": peer.pid, "uid": peer.uid},
+        }
+
+    async def _status(self, peer: Peer, params: Mapping[str, Any]) -> Any:
+        snap = self.latest
+        usage: dict[str, float] = {}
+        if snap is not None:
+            total = snap.value("system.memory.limit")
+            available = snap.value("system.memory.linux.available")
+            if total is not None and available is not None:
+                usage["memory_used_bytes"] = total - available
+                usage["memory_total_bytes"] = total
+        return {
+            "version": __version__,
+            "health": "ok",
+            "strategy": self.config.strategy.name,
+            "dry_run": self.config.enforce.dry_run,
+            "interval_s": self.config.sampling.interval_s,
+            "uptime_s": round(time.monotonic() - self.started_s, 3),
+            "ticks": self.ticks,
+            "overruns": self.overruns,
+            "limits": msgspec.to_builtins(self.config.limits),
+            "usage": usage,
+            "sources": [msgspec.to_builtins(s) for s in (snap.sources if snap else ())],
+            "clients": len(self.server.clients),
+            "alerts": [],
+        }
+
+    async def _snapshot(self, peer: Peer, params: Mapping[str, Any]) -> Any:
+        return msgspec.to_builtins(self.latest) if self.latest is not None else None
+
+    async def _history(self, peer: Peer, params: Mapping[str, Any]) -> Any:
+        window = params.get("window")
+        resources = params.get("resources")
+        if window is not None and (isinstance(window, bool)
+                                   or not isinstance(window, (int, float)) or window <= 0):
+            raise protocol.RpcError(protocol.INVALID_PARAMS, "window must be a positive number")
+        if resources is not None and (not isinstance(resources, list)
+                                      or not all(isinstance(r, str) for r in resources)):
+            raise protocol.RpcError(protocol.INVALID_PARAMS,
+                                    "resources must be a list of metric names")
+        return self.history.query(window, resources)

@@ -1,0 +1,115 @@
+"""Classify processes into classes (critical, normal, besteffort) by the ``[[rules]]`` table.
+
+Matching reads ``cmdline``, ``exe`` and ``cgroup`` once, when a process is first seen, never per
+tick. The first rule whose every given matcher matches decides; no match means "unmatched"
+(the caller decides whether an unmatched process is watched at all).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from edged.config import Rule
+
+_UNIT_RE = re.compile(r"/([^/]+\.(?:service|scope))(?:/|$)")
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    """What is read once about a process when it is discovered."""
+
+    pid: int
+    name: str  # comm, at most 15 characters
+    exe: str  # "" when unreadable (kernel thread, gone, or another user's without privilege)
+    cmdline: str  # arguments joined by spaces
+    uid: int
+    cgroup: str  # unified (v2) path if any, else the memory controller's path
+    start_ticks: int  # field 22 of stat: tells a reused pid from the process we knew
+
+    @property
+    def unit(self) -> str | None:
+        """The systemd unit (``foo.service`` / ``bar.scope``) the cgroup path names, if any."""
+        m = None
+        for m in _UNIT_RE.finditer(self.cgroup):
+            pass
+        return m.group(1) if m else None
+
+
+def parse_stat_fields(raw: bytes) -> tuple[str, list[bytes]]:
+    """(comm, fields after comm) of ``/proc/<pid>/stat``; comm may contain spaces and ')'."""
+    left = raw.index(b"(")
+    right = raw.rindex(b")")
+    return raw[left + 1 : right].decode("utf-8", "replace"), raw[right + 2 :].split()
+
+
+PF_KTHREAD = 0x00200000
+
+
+def read_process_info(proc: Path, pid: int) -> ProcessInfo | None:
+    """ProcessInfo of a live user-space process; None for kernel threads and vanished pids."""
+    base = proc / str(pid)
+    try:
+        stat_raw = (base / "stat").read_bytes()
+        uid = os.stat(base).st_uid
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    comm, fields = parse_stat_fields(stat_raw)
+    flags = int(fields[6])
+    if flags & PF_KTHREAD:
+        return None
+    try:
+        cmdline = (base / "cmdline").read_bytes().replace(b"\0", b" ").strip().decode(
+            "utf-8", "replace")
+    except OSError:
+        cmdline = ""
+    try:
+        exe = os.readlink(base / "exe")
+    except OSError:
+        exe = ""
+    cgroup = ""
+    try:
+        for line in (base / "cgroup").read_text().splitlines():
+            hid, controllers, path = line.split(":", 2)
+            if hid == "0" and controllers == "":
+                cgroup = path
+                break
+            if "memory" in controllers.split(",") and not cgroup:
+                cgroup = path
+    except (OSError, ValueError):
+        pass
+    return ProcessInfo(pid=pid, name=comm, exe=exe, cmdline=cmdline, uid=uid, cgroup=cgroup,
+                       start_ticks=int(fields[19]))
+
+
+class Classifier:
+    """Compiled ``[[rules]]``."""
+
+    def __init__(self, rules: list[Rule]) -> None:
+        self._rules = [(rule, re.compile(rule.cmdline) if rule.cmdline else None)
+                       for rule in rules]
+
+    def classify(self, info: ProcessInfo) -> str | None:
+        """The class of the first matching rule, or None when no rule matches."""
+        for rule, cmdline_re in self._rules:
+            if rule.name is not None and rule.name != info.name:
+                continue
+            if rule.exe is not None and rule.exe != info.exe:
+                continue
+            if cmdline_re is not None and not cmdline_re.search(info.cmdline):
+                continue
+            if rule.uid is not None and rule.uid != info.uid:
+                continue
+            if rule.unit is not None and rule.unit != info.unit:
+                continue
+            if rule.cgroup is not None and not _under(info.cgroup, rule.cgroup):
+                continue
+            return rule.klass
+        return None
+
+
+def _under(path: str, prefix: str) -> bool:
+    prefix = prefix.rstrip("/")
+    return path == prefix or path.startswith(prefix + "/") or prefix == ""

@@ -1,0 +1,190 @@
+"""Per-process memory and CPU for the processes edged manages.
+
+Which processes: those a ``[[rules]]`` entry matches (``[sampling] processes = "rules"``), every
+user-space process (``"all"``), or none; plus any pid added with :meth:`ProcessSensor.watch`
+(budget clients). ``/proc`` is listed every ``rescan_s`` for new pids; a new pid's cmdline,
+exe and cgroup are read once, to classify it. Every tick then costs two ``pread`` calls per
+process on descriptors kept open (``stat`` and ``statm``), so the cost is linear in the number
+of watched processes and independent of the number of processes on the machine.
+
+A vanished process makes pread fail with ESRCH: it is dropped, not reported as an error. A pid
+reused by a new process is told apart by its start time.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from edged.config import Rule
+from edged.rules import Classifier, ProcessInfo, parse_stat_fields, read_process_info
+from edged.sensors.base import KeptFile, Roots, Sensor
+from edged.sensors.cpu import USER_HZ
+from edged.snapshot import Reading
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+_GONE = (errno.ESRCH, errno.ENOENT)
+
+
+@dataclass
+class Watched:
+    """A process being sampled, with its kept-open files and last CPU counters."""
+
+    info: ProcessInfo
+    klass: str
+    client: str = ""
+    stat: KeptFile = field(init=False)
+    statm: KeptFile = field(init=False)
+    cpu_ticks: tuple[int, int] | None = None  # (utime, stime) at the last read
+    read_at_s: float = 0.0
+    memory_attrs: dict[str, str | int] = field(init=False)
+    user_attrs: dict[str, str | int] = field(init=False)
+    system_attrs: dict[str, str | int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.attributes_changed()
+
+    def open(self, proc: str) -> None:
+        self.stat = KeptFile(f"{proc}/{self.info.pid}/stat", 4096)
+        self.statm = KeptFile(f"{proc}/{self.info.pid}/statm", 4096)
+
+    def attributes_changed(self) -> None:
+        base: dict[str, str | int] = {
+            "process.pid": self.info.pid,
+            "process.executable.name": self.info.name,
+            "edged.class": self.klass,
+        }
+        if self.client:
+            base["edged.client"] = self.client
+        self.memory_attrs = base
+        self.user_attrs = {**base, "cpu.mode": "user"}
+        self.system_attrs = {**base, "cpu.mode": "system"}
+
+    def close(self) -> None:
+        self.stat.close()
+        self.statm.close()
+
+
+class ProcessSensor(Sensor):
+    """``process.memory.usage`` and ``process.cpu.utilization`` of watched processes."""
+
+    name = "processes"
+
+    def __init__(
+        self,
+        roots: Roots,
+        rules: list[Rule],
+        mode: str = "rules",
+        rescan_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._proc = str(roots.proc)
+        self._classifier = Classifier(rules)
+        self._mode = mode
+        self._rescan_s = rescan_s
+        self._clock = clock
+        self._next_scan_s = 0.0
+        self._known: set[int] = set()  # pids seen and judged (watched or not)
+        self.watched: dict[int, Watched] = {}
+        self._explicit: dict[int, tuple[str, str]] = {}  # pid -> (class, client)
+
+    def watch(self, pid: int, klass: str = "normal", client: str = "") -> bool:
+        """Sample ``pid`` from now on (a budget client). False if it does not exist."""
+        self._explicit[pid] = (klass, client)
+        existing = self.watched.get(pid)
+        if existing is not None:
+            existing.klass, existing.client = klass, client
+            existing.attributes_changed()
+            return True
+        info = read_process_info(self._path(), pid)
+        if info is None:
+            return False
+        self._add(info, klass, client)
+        return True
+
+    def unwatch(self, pid: int) -> None:
+        """Stop sampling a pid added with :meth:`watch` (rules may still match it)."""
+        self._explicit.pop(pid, None)
+        self._known.discard(pid)
+        watched = self.watched.pop(pid, None)
+        if watched is not None:
+            watched.close()
+
+    def _path(self) -> os.PathLike[str]:
+        from pathlib import Path
+
+        return Path(self._proc)
+
+    def _add(self, info: ProcessInfo, klass: str, client: str = "") -> None:
+        watched = Watched(info=info, klass=klass, client=client)
+        watched.open(self._proc)
+        self.watched[info.pid] = watched
+        self._known.add(info.pid)
+
+    def rescan(self) -> None:
+        """List /proc and classify pids not seen before."""
+        if self._mode == "none" and not self._explicit:
+            return
+        pids = {int(e) for e in os.listdir(self._proc) if e.isdigit()}
+        self._known &= pids  # forget pids that are gone, so a reuse is judged again
+        for pid in pids - self._known:
+            self._known.add(pid)
+            if self._mode == "none":
+                continue
+            info = read_process_info(self._path(), pid)
+            if info is None:
+                continue
+            klass = self._classifier.classify(info)
+            if klass is None and self._mode == "all":
+                klass = "normal"
+            if klass is not None:
+                self._add(info, klass)
+
+    def read(self) -> list[Reading]:
+        now_s = self._clock()
+        if now_s >= self._next_scan_s:
+            self.rescan()
+            self._next_scan_s = now_s + self._rescan_s
+        out: list[Reading] = []
+        gone: list[int] = []
+        for pid, w in self.watched.items():
+            try:
+                stat_raw = w.stat.read_bytes()
+                statm_raw = w.statm.read_bytes()
+            except OSError as exc:
+                if exc.errno in _GONE:
+                    gone.append(pid)
+                    continue
+                raise
+            if not stat_raw:
+                gone.append(pid)
+                continue
+            _, fields = parse_stat_fields(stat_raw)
+            if int(fields[19]) != w.info.start_ticks:  # pid reused by another process
+                gone.append(pid)
+                continue
+            rss_bytes = int(statm_raw.split(None, 2)[1]) * PAGE_SIZE
+            out.append(Reading("process.memory.usage", float(rss_bytes), w.memory_attrs))
+            ticks = (int(fields[11]), int(fields[12]))
+            if w.cpu_ticks is not None and now_s > w.read_at_s:
+                elapsed_ticks = (now_s - w.read_at_s) * USER_HZ
+                out.append(Reading("process.cpu.utilization",
+                                   max(0, ticks[0] - w.cpu_ticks[0]) / elapsed_ticks,
+                                   w.user_attrs))
+                out.append(Reading("process.cpu.utilization",
+                                   max(0, ticks[1] - w.cpu_ticks[1]) / elapsed_ticks,
+                                   w.system_attrs))
+            w.cpu_ticks = ticks
+            w.read_at_s = now_s
+        for pid in gone:
+            self.watched.pop(pid).close()
+            self._explicit.pop(pid, None)
+        return out
+
+    def close(self) -> None:
+        for w in self.watched.values():
+            w.close()
+        self.watched.clear()

@@ -1,0 +1,1 @@
+"""The Unix-socket JSON-RPC service (DESIGN section 6)."""

@@ -1,0 +1,85 @@
+"""JSON-RPC 2.0 framing for protocol v1: one JSON object per line, at most 64 KiB a line."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+MAX_LINE_BYTES = 64 * 1024
+
+# JSON-RPC codes
+PARSE_ERROR = -32700
+INVALID_REQUEST = -32600
+METHOD_NOT_FOUND = -32601
+INVALID_PARAMS = -32602
+INTERNAL_ERROR = -32603
+# edged codes
+INSUFFICIENT_RESOURCES = 1001
+TIMED_OUT = 1002
+PERMISSION_DENIED = 1003
+NO_SUCH_LEASE = 1004
+TOO_MANY = 1005
+SHUTTING_DOWN = 1006
+
+RequestId = int | str | None
+
+
+class RpcError(Exception):
+    """An error reply; handlers raise it, the server turns it into a JSON-RPC error object."""
+
+    def __init__(self, code: int, message: str, data: Any = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.data = data
+
+
+class Request(msgspec.Struct, frozen=True):
+    jsonrpc: str
+    method: str
+    id: RequestId = None
+    params: dict[str, Any] | None = None
+    has_id: bool = True  # False for notifications (no "id" member)
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def parse_request(line: bytes) -> Request:
+    """Decode and validate one line; raises RpcError(-32700 or -32600) with the id if known."""
+    try:
+        obj = msgspec.json.decode(line)
+    except msgspec.DecodeError as exc:
+        raise RpcError(PARSE_ERROR, f"parse error: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise RpcError(INVALID_REQUEST, "a request must be a JSON object")
+    rid = obj.get("id")
+    if isinstance(rid, bool) or not isinstance(rid, (int, str, type(None))):
+        raise RpcError(INVALID_REQUEST, "id must be a string, a number or null")
+    if obj.get("jsonrpc") != "2.0":
+        raise RpcError(INVALID_REQUEST, 'jsonrpc must be "2.0"', {"id": rid})
+    method = obj.get("method")
+    if not isinstance(method, str):
+        raise RpcError(INVALID_REQUEST, "method must be a string", {"id": rid})
+    params = obj.get("params")
+    if params is not None and not isinstance(params, dict):
+        raise RpcError(INVALID_PARAMS, "params must be an object (named parameters)",
+                       {"id": rid})
+    return Request(jsonrpc="2.0", method=method, id=rid, params=params, has_id="id" in obj)
+
+
+def encode_result(rid: RequestId, result: Any) -> bytes:
+    return _encoder.encode({"jsonrpc": "2.0", "id": rid, "result": result}) + b"\n"
+
+
+def encode_error(rid: RequestId, code: int, message: str, data: Any = None) -> bytes:
+    error: dict[str, Any] = {"code": code, "message": message}
+    if data is not None:
+        error["data"] = data
+    return _encoder.encode({"jsonrpc": "2.0", "id": rid, "error": error}) + b"\n"
+
+
+def encode_notification(method: str, params: Any) -> bytes:
+    return _encoder.encode({"jsonrpc": "2.0", "method": method, "params": params}) + b"\n"
