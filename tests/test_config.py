@@ -1,0 +1,131 @@
+"""Config: layering, validation errors that name the key, and check-config exit codes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edged import config as cfg
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_defaults_without_any_file(tmp_path: Path) -> None:
+    config = cfg.load(tmp_path / "absent.toml" if False else None, environ={})
+    assert config.sampling.interval_s == 1.0
+    assert config.sampling.history_s == 300.0
+    assert config.telemetry.prometheus == "127.0.0.1:9464"
+    assert config.telemetry.otlp == ""
+
+
+def test_explicit_missing_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(cfg.ConfigError, match="cannot read"):
+        cfg.load(tmp_path / "nope.toml", environ={})
+
+
+def test_precedence_file_dropin_env_flags(tmp_path: Path) -> None:
+    main = write(tmp_path / "edged.toml", '[sampling]\ninterval = "2s"\nhistory = 600\n'
+                 '[server]\nmax_clients = 5\n[telemetry]\nprometheus = "off"\n')
+    write(tmp_path / "edged.d" / "10-fast.toml", "[sampling]\ninterval = 0.5\n")
+    write(tmp_path / "edged.d" / "20-more.toml", "[server]\nmax_clients = 7\n")
+    config = cfg.load(main, environ={})
+    assert config.sampling.interval_s == 0.5  # drop-in over file
+    assert config.sampling.history_s == 600  # file value kept where no layer overrides it
+    assert config.server.max_clients == 7  # later drop-in wins
+    config = cfg.load(main, environ={"EDGED_SAMPLING_INTERVAL": "250ms",
+                                     "EDGED_SERVER_MAX_CLIENTS": "9"})
+    assert config.sampling.interval_s == 0.25  # env over drop-ins
+    assert config.server.max_clients == 9  # keys with underscores resolve through the schema
+    config = cfg.load(main, environ={"EDGED_SAMPLING_INTERVAL": "250ms"},
+                      overrides={"sampling": {"interval": "100ms"}})
+    assert config.sampling.interval_s == 0.1  # flags over everything
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "fragment"),
+    [
+        ("[sampling]\nintervall = 1\n", "sampling.intervall", "unknown key"),
+        ("[sampling]\ninterval = true\n", "sampling.interval", "Expected"),
+        ('[sampling]\ninterval = "fast"\n', "sampling", "duration"),
+        ("[server]\nmax_clients = \"many\"\n", "server.max_clients", "Expected `int`"),
+        ('[[rules]]\nname = "x"\nclass = "vip"\n', "rules[0].class", "Invalid enum value"),
+        ('[[rules]]\nclass = "critical"\n', "rules[0]", "at least one of"),
+        ('[[rules]]\ncmdline = "(unclosed"\n', "rules[0]", "regular expression"),
+        ('[limits.memory]\nsoft = "150%"\n', "limits.memory", "percentage"),
+        ('[telemetry]\nprometheus = "nowhere"\n', "telemetry", "host:port"),
+        ("[bogus]\nx = 1\n", "bogus", "unknown key"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path: Path, text: str, key: str, fragment: str) -> None:
+    path = write(tmp_path / "edged.toml", text)
+    with pytest.raises(cfg.ConfigError) as err:
+        cfg.load(path, environ={})
+    assert err.value.key == key
+    assert fragment in str(err.value)
+    assert str(path) in str(err.value)  # the message names the file
+
+
+def test_error_in_dropin_names_the_dropin(tmp_path: Path) -> None:
+    main = write(tmp_path / "edged.toml", "[sampling]\ninterval = 1\n")
+    bad = write(tmp_path / "edged.d" / "50-bad.toml", "[sampling]\ninterval = -1\n")
+    with pytest.raises(cfg.ConfigError) as err:
+        cfg.load(main, environ={})
+    assert err.value.source == str(bad)
+
+
+def test_unknown_environment_variable_is_an_error() -> None:
+    with pytest.raises(cfg.ConfigError, match="EDGED_SAMPLING_SPEED"):
+        cfg.load(None, environ={"EDGED_SAMPLING_SPEED": "1"})
+
+
+def test_not_toml_is_reported(tmp_path: Path) -> None:
+    path = write(tmp_path / "edged.toml", "[sampling\ninterval = 1\n")
+    with pytest.raises(cfg.ConfigError, match="not valid TOML"):
+        cfg.load(path, environ={})
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("100ms", 0.1), ("1.5s", 1.5), ("5m", 300.0),
+                                               ("2h", 7200.0), ("3", 3.0)])
+def test_durations(text: str, seconds: float) -> None:
+    assert cfg.parse_duration_s(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize(("text", "size"), [("3.5GiB", int(3.5 * 2**30)), ("512M", 512 * 10**6),
+                                            ("1Ki", 1024), ("42", 42), ("2GB", 2 * 10**9)])
+def test_sizes(text: str, size: int) -> None:
+    assert cfg.parse_size_bytes(text) == size
+
+
+def test_printed_config_reads_back_identically(tmp_path: Path) -> None:
+    path = write(tmp_path / "edged.toml",
+                 '[sampling]\ninterval = "200ms"\n[[rules]]\nname = "postgres"\n'
+                 'class = "critical"\n[limits.memory]\nsoft = "3.5GiB"\nhard = "95%"\n'
+                 '[telemetry.headers]\nauthorization = "Bearer x"\n')
+    config = cfg.load(path, environ={})
+    again = write(tmp_path / "again.toml", cfg.dumps_toml(config))
+    assert cfg.load(again, environ={}) == config
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "edged", *args], capture_output=True,
+                          text=True, timeout=60, check=False)
+
+
+def test_check_config_exit_codes(tmp_path: Path) -> None:
+    good = write(tmp_path / "good.toml", "[sampling]\ninterval = 0.5\n")
+    result = run_cli("check-config", "--config", str(good))
+    assert result.returncode == 0, result.stderr
+    assert "interval = 0.5" in result.stdout
+    bad = write(tmp_path / "bad.toml", "[sampling]\ninterval = 0.5\nfoo = 1\n")
+    result = run_cli("check-config", "--config", str(bad))
+    assert result.returncode == 6
+    assert "sampling.foo" in result.stderr
+    result = run_cli("check-config", "--bogus")
+    assert result.returncode == 2

@@ -1,0 +1,121 @@
+"""The process sensor against real child processes: matching, memory, CPU, exit, pid reuse."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from edged.config import Rule
+from edged.rules import Classifier, read_process_info
+from edged.sensors.base import Roots
+from edged.sensors.processes import ProcessSensor
+
+HOG = """
+import sys, time
+block = bytearray(int(sys.argv[1]) * 2**20)
+for i in range(0, len(block), 4096):
+    block[i] = 1
+print("ready", flush=True)
+end = time.monotonic() + float(sys.argv[2])
+spin = sys.argv[3] == "spin"
+while time.monotonic() < end:
+    if not spin:
+        time.sleep(0.05)
+"""
+
+
+@pytest.fixture
+def children() -> Iterator[list[subprocess.Popen[str]]]:
+    procs: list[subprocess.Popen[str]] = []
+    yield procs
+    for p in procs:
+        p.kill()
+        p.wait(timeout=10)
+        if p.stdout is not None:
+            p.stdout.close()
+
+
+def start(procs: list[subprocess.Popen[str]], mib: int, seconds: float, mode: str,
+          tag: str) -> subprocess.Popen[str]:
+    p = subprocess.Popen([sys.executable, "-c", HOG, str(mib), str(seconds), mode, tag],
+                         stdout=subprocess.PIPE, text=True)
+    procs.append(p)
+    assert p.stdout is not None
+    assert p.stdout.readline().strip() == "ready"
+    return p
+
+
+def test_rules_pick_processes_and_report_memory_and_cpu(
+        children: list[subprocess.Popen[str]]) -> None:
+    tag = f"edged-test-{os.getpid()}"
+    hog = start(children, 64, 30, "sleep", tag + "-hog")
+    spinner = start(children, 1, 30, "spin", tag + "-spin")
+    start(children, 1, 30, "sleep", "someone-else")
+    rules = [Rule(cmdline=tag + "-hog", klass="besteffort"),
+             Rule(cmdline=tag + "-spin", klass="normal")]
+    sensor = ProcessSensor(Roots(), rules, mode="rules")
+    sensor.read()
+    assert set(sensor.watched) == {hog.pid, spinner.pid}  # the third matches no rule
+    time.sleep(0.5)
+    readings = sensor.read()
+    rss = {r.attributes["process.pid"]: r.value for r in readings
+           if r.metric == "process.memory.usage"}
+    assert 64 * 2**20 <= rss[hog.pid] < 100 * 2**20
+    user_cpu = {r.attributes["process.pid"]: r.value for r in readings
+                if r.metric == "process.cpu.utilization" and r.attributes["cpu.mode"] == "user"}
+    assert user_cpu[spinner.pid] > 0.5  # a spinning process uses most of a CPU
+    assert user_cpu[hog.pid] < 0.2
+    classes = {r.attributes["process.pid"]: r.attributes["edged.class"] for r in readings}
+    assert classes == {hog.pid: "besteffort", spinner.pid: "normal"}
+    assert all(r.attributes["process.executable.name"].startswith("python") for r in readings)
+
+
+def test_an_exited_process_is_dropped_without_error(children: list[subprocess.Popen[str]]) -> None:
+    tag = f"edged-exit-{os.getpid()}"
+    p = start(children, 1, 30, "sleep", tag)
+    sensor = ProcessSensor(Roots(), [Rule(cmdline=tag)])
+    sensor.read()
+    assert p.pid in sensor.watched
+    p.kill()
+    p.wait()
+    assert sensor.read() == []
+    assert p.pid not in sensor.watched
+
+
+def test_watch_adds_an_unmatched_pid_with_its_client(children: list[subprocess.Popen[str]]) -> None:
+    p = start(children, 1, 30, "sleep", "unmatched")
+    sensor = ProcessSensor(Roots(), [], mode="none")
+    assert sensor.read() == []
+    assert sensor.watch(p.pid, klass="besteffort", client="camera")
+    mem = [r for r in sensor.read() if r.metric == "process.memory.usage"]
+    assert mem[0].attributes["edged.client"] == "camera"
+    sensor.unwatch(p.pid)
+    assert sensor.read() == []
+    assert not sensor.watch(2**22 + 12345)  # no such pid
+
+
+def test_all_mode_skips_kernel_threads() -> None:
+    sensor = ProcessSensor(Roots(), [], mode="all")
+    sensor.read()
+    assert os.getpid() in sensor.watched
+    kthreads = [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
+                if read_process_info(Roots().proc, pid) is None]
+    assert not set(kthreads) & set(sensor.watched)
+
+
+def test_classifier_matchers() -> None:
+    info = read_process_info(Roots().proc, os.getpid())
+    assert info is not None
+    assert Classifier([Rule(uid=os.getuid(), klass="critical")]).classify(info) == "critical"
+    assert Classifier([Rule(uid=os.getuid() + 1)]).classify(info) is None
+    assert Classifier([Rule(exe=info.exe, klass="besteffort")]).classify(info) == "besteffort"
+    assert Classifier([Rule(name=info.name, cmdline="pytest|py")]).classify(info) == "normal"
+    assert Classifier([Rule(cgroup=info.cgroup or "/")]).classify(info) == "normal"
+    # first match wins
+    assert Classifier([Rule(uid=os.getuid(), klass="besteffort"),
+                       Rule(uid=os.getuid(), klass="critical")]).classify(info) == "besteffort"
