@@ -14,7 +14,6 @@ import socket
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from edged import __version__
@@ -38,8 +37,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--prometheus", metavar="ADDR|off", help="Prometheus listen address or off")
     run.add_argument("--root", help="read DIR/proc, DIR/sys and DIR/etc instead of the real ones")
     run.add_argument("--dry-run", action="store_true", help="decide and log, never act")
-    run.add_argument("--log-level", default=os.environ.get("EDGED_LOG_LEVEL", "info"),
-                     choices=["debug", "info", "warning", "error"])
+    run.add_argument(
+        "--log-level",
+        default=os.environ.get("EDGED_LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+    )
 
     sensors = sub.add_parser("sensors", help="discover and read every sensor once")
     sensors.add_argument("--root", help="read DIR/proc, DIR/sys and DIR/etc instead")
@@ -77,8 +79,11 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def _setup_logging(level: str) -> None:
     under_journal = bool(os.environ.get("JOURNAL_STREAM"))
-    fmt = "%(levelname)s %(name)s: %(message)s" if under_journal else \
-        "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    fmt = (
+        "%(levelname)s %(name)s: %(message)s"
+        if under_journal
+        else "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr)
 
 
@@ -111,10 +116,16 @@ def cmd_sensors(args: argparse.Namespace) -> int:
     sources = [tick_status.get(s.name, s) for s in discovered]
     if args.json:
         out = {
-            "readings": [{"metric": r.metric, "value": r.value, "unit": METRICS[r.metric].unit,
-                          "attributes": dict(r.attributes)} for r in snapshot.readings],
-            "sources": [{"name": s.name, "status": s.status, "detail": s.detail}
-                        for s in sources],
+            "readings": [
+                {
+                    "metric": r.metric,
+                    "value": r.value,
+                    "unit": METRICS[r.metric].unit,
+                    "attributes": dict(r.attributes),
+                }
+                for r in snapshot.readings
+            ],
+            "sources": [{"name": s.name, "status": s.status, "detail": s.detail} for s in sources],
         }
         print(json.dumps(out, indent=2))
     else:
@@ -148,8 +159,12 @@ class DaemonUnavailable(Exception):
         self.code = code
 
 
-def call(method: str, params: dict[str, Any] | None = None, socket_path: str | None = None,
-         timeout_s: float = 5.0) -> Any:
+def call(
+    method: str,
+    params: dict[str, Any] | None = None,
+    socket_path: str | None = None,
+    timeout_s: float = 5.0,
+) -> Any:
     """One JSON-RPC call to the running daemon (the CLI's own tiny client)."""
     from edged.server.server import default_socket_path
 
@@ -159,8 +174,9 @@ def call(method: str, params: dict[str, Any] | None = None, socket_path: str | N
     try:
         sock.connect(path)
     except (FileNotFoundError, ConnectionRefusedError) as exc:
-        raise DaemonUnavailable(f"edged is not running (no daemon on {path})",
-                                EXIT_NOT_RUNNING) from exc
+        raise DaemonUnavailable(
+            f"edged is not running (no daemon on {path})", EXIT_NOT_RUNNING
+        ) from exc
     except PermissionError as exc:
         raise DaemonUnavailable(f"permission denied on {path}", EXIT_DENIED) from exc
     with sock:
@@ -186,16 +202,21 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return EXIT_OK
-    print(f"edged {result['version']}: health {result['health']}, strategy {result['strategy']}"
-          f"{' (dry run)' if result['dry_run'] else ''}")
-    print(f"  up {result['uptime_s']:.0f}s, {result['ticks']} ticks every "
-          f"{result['interval_s']:g}s, {result['overruns']} overruns, "
-          f"{result['clients']} clients")
+    print(
+        f"edged {result['version']}: health {result['health']}, strategy {result['strategy']}"
+        f"{' (dry run)' if result['dry_run'] else ''}"
+    )
+    print(
+        f"  up {result['uptime_s']:.0f}s, {result['ticks']} ticks every "
+        f"{result['interval_s']:g}s, {result['overruns']} overruns, "
+        f"{result['clients']} clients"
+    )
     usage = result.get("usage", {})
     if "memory_used_bytes" in usage:
         used, total = usage["memory_used_bytes"], usage["memory_total_bytes"]
-        print(f"  memory used {used / 2**30:.2f} GiB of {total / 2**30:.2f} GiB "
-              f"({used / total:.0%})")
+        print(
+            f"  memory used {used / 2**30:.2f} GiB of {total / 2**30:.2f} GiB ({used / total:.0%})"
+        )
     failing = [s for s in result.get("sources", []) if s["status"] != "ok"]
     for s in failing:
         print(f"  source {s['name']}: {s['status']} {s['detail']}")
@@ -208,8 +229,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
         return int(exc.code or 0)
-    handlers = {"run": cmd_run, "sensors": cmd_sensors, "check-config": cmd_check_config,
-                "status": cmd_status}
+    handlers = {
+        "run": cmd_run,
+        "sensors": cmd_sensors,
+        "check-config": cmd_check_config,
+        "status": cmd_status,
+    }
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:

@@ -20,7 +20,7 @@ import msgspec
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on 3.10 only
-    import tomli as tomllib
+    import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
 
 DEFAULT_CONFIG_PATH = Path("/etc/edged/edged.toml")
 ENV_PREFIX = "EDGED_"
@@ -38,11 +38,30 @@ class ConfigError(Exception):
 _DURATION_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*$")
 _DURATION_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGTP]i?B?|B)?\s*$", re.IGNORECASE)
-_SIZE_FACTOR = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "ki": 1024,
-                "m": 1000**2, "mb": 1000**2, "mib": 1024**2, "mi": 1024**2,
-                "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "gi": 1024**3,
-                "t": 1000**4, "tb": 1000**4, "tib": 1024**4, "ti": 1024**4,
-                "p": 1000**5, "pb": 1000**5, "pib": 1024**5, "pi": 1024**5}
+_SIZE_FACTOR = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "kib": 1024,
+    "ki": 1024,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "mi": 1024**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gib": 1024**3,
+    "gi": 1024**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "tib": 1024**4,
+    "ti": 1024**4,
+    "p": 1000**5,
+    "pb": 1000**5,
+    "pib": 1024**5,
+    "pi": 1024**5,
+}
 
 
 def parse_duration_s(value: float | int | str) -> float:
@@ -153,11 +172,13 @@ class Rule(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     cgroup: str | None = None  # cgroup path prefix
     # "class" is a Python keyword: the attribute is klass, the TOML key is class
     klass: Literal["critical", "normal", "besteffort"] = msgspec.field(
-        default="normal", name="class")
+        default="normal", name="class"
+    )
 
     def __post_init__(self) -> None:
-        if all(getattr(self, k) is None for k in ("name", "exe", "cmdline", "uid", "unit",
-                                                   "cgroup")):
+        if all(
+            getattr(self, k) is None for k in ("name", "exe", "cmdline", "uid", "unit", "cgroup")
+        ):
             raise ValueError("a rule needs at least one of name, exe, cmdline, uid, unit, cgroup")
         if self.cmdline is not None:
             try:
@@ -227,7 +248,8 @@ def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as f:
-            return tomllib.load(f)
+            data: dict[str, Any] = tomllib.load(f)
+            return data
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"not valid TOML: {exc}", source=str(path)) from exc
     except OSError as exc:
@@ -258,25 +280,35 @@ def _env_layer(environ: Mapping[str, str]) -> dict[str, Any]:
     for name, raw in environ.items():
         if not name.startswith(ENV_PREFIX):
             continue
-        rest = name[len(ENV_PREFIX):].lower()
+        rest = name[len(ENV_PREFIX) :].lower()
         struct: type[msgspec.Struct] = Config
         path: list[str] = []
         while True:
             fields = _fields(struct)
-            match = next((k for k in sorted(fields, key=len, reverse=True)
-                          if rest == k or rest.startswith(k + "_")), None)
+            match = next(
+                (
+                    k
+                    for k in sorted(fields, key=len, reverse=True)
+                    if rest == k or rest.startswith(k + "_")
+                ),
+                None,
+            )
             if match is None:
-                raise ConfigError(f"unknown setting {name} (no key {'.'.join([*path, rest])})",
-                                  source="environment", key=".".join([*path, rest]))
+                raise ConfigError(
+                    f"unknown setting {name} (no key {'.'.join([*path, rest])})",
+                    source="environment",
+                    key=".".join([*path, rest]),
+                )
             path.append(match)
-            rest = rest[len(match) + 1:]
+            rest = rest[len(match) + 1 :]
             ftype = fields[match]
             if rest and isinstance(ftype, type) and issubclass(ftype, msgspec.Struct):
                 struct = ftype
                 continue
             if rest:
-                raise ConfigError(f"unknown setting {name}", source="environment",
-                                  key=".".join(path))
+                raise ConfigError(
+                    f"unknown setting {name}", source="environment", key=".".join(path)
+                )
             break
         node = layer
         for key in path[:-1]:

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from edged import __version__, config as config_mod
+from edged import __version__
+from edged import config as config_mod
 from edged.history import History
 from edged.sampler import Sampler
 from edged.sensors import Roots, discover_all
@@ -79,9 +80,14 @@ class Daemon:
 
     def _build_sampler(self) -> Sampler:
         sensors, statuses = discover_all(self.roots)
-        sensors.append(ProcessSensor(self.roots, self.config.rules,
-                                     mode=self.config.sampling.processes,
-                                     rescan_s=self.config.sampling.rescan_s))
+        sensors.append(
+            ProcessSensor(
+                self.roots,
+                self.config.rules,
+                mode=self.config.sampling.processes,
+                rescan_s=self.config.sampling.rescan_s,
+            )
+        )
         statuses.append(SourceStatus("processes", "ok"))
         self.discovery = statuses
         for status in statuses:
@@ -97,8 +103,11 @@ class Daemon:
 
     def _start_telemetry(self) -> None:
         settings = self.config.telemetry
-        push = bool(settings.otlp or self._environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-                    or self._environ.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"))
+        push = bool(
+            settings.otlp
+            or self._environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+            or self._environ.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
+        )
         disabled = self._environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
         if disabled or (not push and settings.prometheus == "off"):
             log.info("telemetry: no exporter configured")
@@ -119,8 +128,11 @@ class Daemon:
             self.socket_path = Path(sock.getsockname()) if sock.getsockname() else None
             log.info("serving the socket-activated fd %d (%s)", fds[0], self.socket_path)
         else:
-            path = Path(self.config.server.socket) if self.config.server.socket \
+            path = (
+                Path(self.config.server.socket)
+                if self.config.server.socket
                 else default_socket_path(self._environ)
+            )
             sock = bind_unix_socket(path)
             self.socket_path = path
             self._socket_owned = True
@@ -185,10 +197,16 @@ class Daemon:
             self.telemetry.record_tick(duration_s)
         if self.ticks == 1:
             errors = sum(1 for s in snapshot.sources if s.status == "error")
-            self.notifier.ready(f"sampling every {self.config.sampling.interval_s:g}s, "
-                                f"{len(snapshot.sources)} sources, {errors} failing")
-            log.info("edged %s ready: %d sources, interval %gs", __version__,
-                     len(snapshot.sources), self.config.sampling.interval_s)
+            self.notifier.ready(
+                f"sampling every {self.config.sampling.interval_s:g}s, "
+                f"{len(snapshot.sources)} sources, {errors} failing"
+            )
+            log.info(
+                "edged %s ready: %d sources, interval %gs",
+                __version__,
+                len(snapshot.sources),
+                self.config.sampling.interval_s,
+            )
         self.notifier.watchdog()
 
     # ---- reload and shutdown ------------------------------------------------------------
@@ -200,8 +218,9 @@ class Daemon:
         """SIGHUP: re-read the config. A bad file is reported; the old config stays."""
         self.notifier.reloading("reloading configuration")
         try:
-            new = config_mod.load(self._config_path, environ=self._environ,
-                                  overrides=self._overrides)
+            new = config_mod.load(
+                self._config_path, environ=self._environ, overrides=self._overrides
+            )
         except config_mod.ConfigError as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
             self.notifier.ready("reload refused: bad configuration")
@@ -243,8 +262,9 @@ class Daemon:
     async def _hello(self, peer: Peer, params: Mapping[str, Any]) -> Any:
         version = params.get("protocol", protocol.PROTOCOL_VERSION)
         if version != protocol.PROTOCOL_VERSION:
-            raise protocol.RpcError(protocol.INVALID_PARAMS,
-                                    f"unsupported protocol {version!r}; this server speaks 1")
+            raise protocol.RpcError(
+                protocol.INVALID_PARAMS, f"unsupported protocol {version!r}; this server speaks 1"
+            )
         return {
             "server": f"edged {__version__}",
             "protocol": protocol.PROTOCOL_VERSION,
@@ -284,11 +304,14 @@ class Daemon:
     async def _history(self, peer: Peer, params: Mapping[str, Any]) -> Any:
         window = params.get("window")
         resources = params.get("resources")
-        if window is not None and (isinstance(window, bool)
-                                   or not isinstance(window, (int, float)) or window <= 0):
+        if window is not None and (
+            isinstance(window, bool) or not isinstance(window, (int, float)) or window <= 0
+        ):
             raise protocol.RpcError(protocol.INVALID_PARAMS, "window must be a positive number")
-        if resources is not None and (not isinstance(resources, list)
-                                      or not all(isinstance(r, str) for r in resources)):
-            raise protocol.RpcError(protocol.INVALID_PARAMS,
-                                    "resources must be a list of metric names")
+        if resources is not None and (
+            not isinstance(resources, list) or not all(isinstance(r, str) for r in resources)
+        ):
+            raise protocol.RpcError(
+                protocol.INVALID_PARAMS, "resources must be a list of metric names"
+            )
         return self.history.query(window, resources)

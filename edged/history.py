@@ -57,8 +57,11 @@ class History:
                 cached = series_key(reading.metric, reading.attributes)
                 if len(self._key_cache) >= 8192:
                     self._key_cache.clear()
-                self._key_cache[id(reading.attributes)] = (reading.attributes, reading.metric,
-                                                           cached)
+                self._key_cache[id(reading.attributes)] = (
+                    reading.attributes,
+                    reading.metric,
+                    cached,
+                )
             ring = self._series.get(cached)
             if ring is None:
                 if len(self._series) >= self.max_series:
@@ -105,5 +108,4 @@ class History:
         ring = self._series.get(series_key(metric, attributes))
         if ring is None:
             return []
-        return [(self._times[s], ring[s]) for s in self._slots(window_s)
-                if not math.isnan(ring[s])]
+        return [(self._times[s], ring[s]) for s in self._slots(window_s) if not math.isnan(ring[s])]

@@ -32,10 +32,8 @@ class ProcessInfo:
     @property
     def unit(self) -> str | None:
         """The systemd unit (``foo.service`` / ``bar.scope``) the cgroup path names, if any."""
-        m = None
-        for m in _UNIT_RE.finditer(self.cgroup):
-            pass
-        return m.group(1) if m else None
+        units = _UNIT_RE.findall(self.cgroup)
+        return units[-1] if units else None  # the innermost unit: a scope inside a service
 
 
 def parse_stat_fields(raw: bytes) -> tuple[str, list[bytes]]:
@@ -61,8 +59,9 @@ def read_process_info(proc: Path, pid: int) -> ProcessInfo | None:
     if flags & PF_KTHREAD:
         return None
     try:
-        cmdline = (base / "cmdline").read_bytes().replace(b"\0", b" ").strip().decode(
-            "utf-8", "replace")
+        cmdline = (
+            (base / "cmdline").read_bytes().replace(b"\0", b" ").strip().decode("utf-8", "replace")
+        )
     except OSError:
         cmdline = ""
     try:
@@ -80,16 +79,22 @@ def read_process_info(proc: Path, pid: int) -> ProcessInfo | None:
                 cgroup = path
     except (OSError, ValueError):
         pass
-    return ProcessInfo(pid=pid, name=comm, exe=exe, cmdline=cmdline, uid=uid, cgroup=cgroup,
-                       start_ticks=int(fields[19]))
+    return ProcessInfo(
+        pid=pid,
+        name=comm,
+        exe=exe,
+        cmdline=cmdline,
+        uid=uid,
+        cgroup=cgroup,
+        start_ticks=int(fields[19]),
+    )
 
 
 class Classifier:
     """Compiled ``[[rules]]``."""
 
     def __init__(self, rules: list[Rule]) -> None:
-        self._rules = [(rule, re.compile(rule.cmdline) if rule.cmdline else None)
-                       for rule in rules]
+        self._rules = [(rule, re.compile(rule.cmdline) if rule.cmdline else None) for rule in rules]
 
     def classify(self, info: ProcessInfo) -> str | None:
         """The class of the first matching rule, or None when no rule matches."""

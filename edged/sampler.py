@@ -41,7 +41,9 @@ class Sampler:
             try:
                 readings.extend(sensor.read())
             except (OSError, ValueError, SensorError) as exc:
-                detail = exc.detail if isinstance(exc, SensorError) else f"{type(exc).__name__}: {exc}"
+                detail = (
+                    exc.detail if isinstance(exc, SensorError) else f"{type(exc).__name__}: {exc}"
+                )
                 self._failed(sensor.name, detail)
                 statuses.append(SourceStatus(sensor.name, "error", detail))
                 continue

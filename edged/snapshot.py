@@ -51,9 +51,7 @@ class Snapshot(msgspec.Struct, frozen=True):
             if all(reading.attributes.get(k) == v for k, v in wanted.items()):
                 yield reading
 
-    def value(
-        self, metric: str, attributes: Mapping[str, AttrValue] | None = None
-    ) -> float | None:
+    def value(self, metric: str, attributes: Mapping[str, AttrValue] | None = None) -> float | None:
         """The value of the first matching reading, or None when the sensor gave none."""
         for reading in self.find(metric, attributes):
             return reading.value

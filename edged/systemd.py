@@ -228,7 +228,8 @@ def _listen_fds_with_names(env: Mapping[str, str]) -> list[tuple[int, str]]:
         )
         names = ["unknown"] * count
     result: list[tuple[int, str]] = []
-    for fd, name in zip(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count), names):
+    for offset, name in enumerate(names):
+        fd = SD_LISTEN_FDS_START + offset
         try:
             flags = fcntl.fcntl(fd, fcntl.F_GETFD)
             if not flags & fcntl.FD_CLOEXEC:

@@ -27,7 +27,7 @@ def _has_nvidia() -> bool:
 
         pynvml.nvmlInit()
         pynvml.nvmlShutdown()
-    except Exception:  # noqa: BLE001 - any failure means "no usable GPU here"
+    except Exception:
         return False
     return True
 
@@ -87,7 +87,7 @@ def fixture_tree(tmp_path: Path) -> FixtureTree:
             pytest.skip(f"shared fixture {src} not present")
         dst = tmp_path / uuid.uuid4().hex[:8]
         shutil.copytree(src, dst, symlinks=True)
-        for dirpath, dirs, files in os.walk(dst):  # the shared copy is read-only
+        for dirpath, _dirs, files in os.walk(dst):  # the shared copy is read-only
             os.chmod(dirpath, 0o755)
             for name in files:
                 if not os.path.islink(os.path.join(dirpath, name)):

@@ -21,10 +21,12 @@ class RunningDaemon:
         self.socket_path = socket_path
         self.log_path = log_path
 
-    def call(self, method: str, params: dict[str, Any] | None = None,
-             timeout_s: float = 5.0) -> Any:
-        reply = self.request({"jsonrpc": "2.0", "id": 1, "method": method,
-                              "params": params or {}}, timeout_s)
+    def call(
+        self, method: str, params: dict[str, Any] | None = None, timeout_s: float = 5.0
+    ) -> Any:
+        reply = self.request(
+            {"jsonrpc": "2.0", "id": 1, "method": method, "params": params or {}}, timeout_s
+        )
         assert "result" in reply, reply
         return reply["result"]
 
@@ -54,8 +56,9 @@ class RunningDaemon:
             raise
 
 
-def start_daemon(tmp_path: Path, *args: str, env: dict[str, str] | None = None,
-                 ready_timeout_s: float = 20.0) -> RunningDaemon:
+def start_daemon(
+    tmp_path: Path, *args: str, env: dict[str, str] | None = None, ready_timeout_s: float = 20.0
+) -> RunningDaemon:
     """``edged run --socket tmp/edged.sock --prometheus off ARGS``, waiting until it answers."""
     socket_path = tmp_path / "edged.sock"
     log_path = tmp_path / "edged.log"
@@ -65,8 +68,9 @@ def start_daemon(tmp_path: Path, *args: str, env: dict[str, str] | None = None,
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("EDGED_", "OTEL_"))}
     full_env.update(env or {})
     with log_path.open("wb") as log:
-        proc = subprocess.Popen([*argv, *args], stdout=log, stderr=subprocess.STDOUT,
-                                env=full_env, cwd=tmp_path)
+        proc = subprocess.Popen(
+            [*argv, *args], stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=tmp_path
+        )
     daemon = RunningDaemon(proc, socket_path, log_path)
     deadline = time.monotonic() + ready_timeout_s
     while time.monotonic() < deadline:

@@ -11,19 +11,25 @@ from edged.sampler import Sampler
 from edged.sensors.base import Sensor, SensorError
 from edged.snapshot import Reading, Snapshot
 
-CPU0 = {"cpu.logical_number": 0, "cpu.mode": "user"}
+CPU0: dict[str, str | int] = {"cpu.logical_number": 0, "cpu.mode": "user"}
 
 
 def snap(seq: int, *readings: Reading) -> Snapshot:
-    return Snapshot(seq=seq, time_unix_ns=(1000 + seq) * 10**9, monotonic_s=float(seq),
-                    readings=readings)
+    return Snapshot(
+        seq=seq, time_unix_ns=(1000 + seq) * 10**9, monotonic_s=float(seq), readings=readings
+    )
 
 
 def test_ring_keeps_the_last_ticks_and_windows() -> None:
     history = History(capacity=5)
     for i in range(12):
-        history.append(snap(i, Reading("system.cpu.utilization", i / 100, CPU0),
-                            Reading("process.memory.usage", 1.0, {"process.pid": 1})))
+        history.append(
+            snap(
+                i,
+                Reading("system.cpu.utilization", i / 100, CPU0),
+                Reading("process.memory.usage", 1.0, {"process.pid": 1}),
+            )
+        )
     assert len(history) == 5
     data = history.query()
     assert data["time"] == [1007.0, 1008.0, 1009.0, 1010.0, 1011.0]
@@ -32,8 +38,10 @@ def test_ring_keeps_the_last_ticks_and_windows() -> None:
     assert [s["metric"] for s in series] == ["system.cpu.utilization"]  # no process series
     assert series[0]["values"] == [0.07, 0.08, 0.09, 0.10, 0.11]
     assert history.query(window_s=2)["time"] == [1009.0, 1010.0, 1011.0]
-    assert history.values("system.cpu.utilization", CPU0, window_s=1) == [(1010.0, 0.10),
-                                                                          (1011.0, 0.11)]
+    assert history.values("system.cpu.utilization", CPU0, window_s=1) == [
+        (1010.0, 0.10),
+        (1011.0, 0.11),
+    ]
 
 
 def test_a_tick_without_a_series_reads_as_a_gap() -> None:
@@ -42,8 +50,9 @@ def test_a_tick_without_a_series_reads_as_a_gap() -> None:
     history.append(snap(2))
     history.append(snap(3, Reading("hw.power", 7.0, {"hw.id": "a"})))
     series = history.query(metrics=["hw.power"])["series"]
-    assert series == [{"metric": "hw.power", "attributes": {"hw.id": "a"},
-                       "values": [5.0, None, 7.0]}]
+    assert series == [
+        {"metric": "hw.power", "attributes": {"hw.id": "a"}, "values": [5.0, None, 7.0]}
+    ]
 
 
 def test_series_count_is_capped() -> None:
@@ -56,9 +65,16 @@ def test_fresh_attribute_dicts_never_alias_another_series() -> None:
     """Sensors may build new attribute dicts every tick; ids get reused by CPython."""
     history = History(capacity=50)
     for i in range(50):
-        history.append(snap(i, Reading("hw.power", 1.0, {"hw.id": "a"}),
-                            Reading("hw.power", 2.0, {"hw.id": "b"})))
-    for s in history.query()["series"]:  # type: ignore[union-attr]
+        history.append(
+            snap(
+                i,
+                Reading("hw.power", 1.0, {"hw.id": "a"}),
+                Reading("hw.power", 2.0, {"hw.id": "b"}),
+            )
+        )
+    series = history.query()["series"]
+    assert isinstance(series, list)
+    for s in series:
         expected = 1.0 if s["attributes"] == {"hw.id": "a"} else 2.0
         assert s["values"] == [expected] * 50
 
@@ -78,8 +94,9 @@ class Flaky(Sensor):
 def test_sampler_isolates_failures_counts_them_and_recovers() -> None:
     errors: list[str] = []
     good = Flaky("good", [])
-    bad = Flaky("bad", [OSError(11, "EAGAIN"), SensorError("bad", "garbage"),
-                        RuntimeError("bug"), None])
+    bad = Flaky(
+        "bad", [OSError(11, "EAGAIN"), SensorError("bad", "garbage"), RuntimeError("bug"), None]
+    )
     sampler = Sampler([bad, good], on_error=errors.append)
     for _ in range(3):
         snapshot = sampler.tick()

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from edged.sensors import Roots, discover_all
-from edged.sensors.cpu import USER_HZ, CpuFrequencySensor, CpuTimeSensor, discover as cpu_discover
+from edged.sensors.cpu import USER_HZ, CpuFrequencySensor, CpuTimeSensor
+from edged.sensors.cpu import discover as cpu_discover
 from edged.sensors.memory import MemorySensor
 from edged.sensors.pressure import PressureSensor
 from edged.sensors.pressure import discover as psi_discover
@@ -54,14 +55,16 @@ def test_memory_on_this_machine_agrees_with_psutil() -> None:
 
 
 def test_cpu_time_matches_proc_stat_and_utilization_needs_two_reads(
-        fixture_tree: FixtureTree) -> None:
+    fixture_tree: FixtureTree,
+) -> None:
     root = fixture_tree("jetson/orin-nano-jp6")
     sensor = CpuTimeSensor(Roots.under(root))
     first = sensor.read()
     times = [r for r in first if r.metric == "system.cpu.time"]
     assert {r.attributes["cpu.logical_number"] for r in times} == set(range(6))
-    cpu0 = {r.attributes["cpu.mode"]: r.value for r in times
-            if r.attributes["cpu.logical_number"] == 0}
+    cpu0 = {
+        r.attributes["cpu.mode"]: r.value for r in times if r.attributes["cpu.logical_number"] == 0
+    }
     # cpu0 95212 327 36919 597196 652 0 894 0 0 0
     assert cpu0["user"] == 95212 / USER_HZ
     assert cpu0["interrupt"] == (0 + 894) / USER_HZ
@@ -72,22 +75,25 @@ def test_cpu_time_matches_proc_stat_and_utilization_needs_two_reads(
     text = stat.read_text().replace("cpu0 95212 327 36919 597196", "cpu0 95242 327 36919 597266")
     stat.write_text(text)
     second = sensor.read()
-    util = {r.attributes["cpu.mode"]: r.value for r in second
-            if r.metric == "system.cpu.utilization" and r.attributes["cpu.logical_number"] == 0}
+    util = {
+        r.attributes["cpu.mode"]: r.value
+        for r in second
+        if r.metric == "system.cpu.utilization" and r.attributes["cpu.logical_number"] == 0
+    }
     assert util["user"] == pytest.approx(0.3)
     assert util["idle"] == pytest.approx(0.7)
     assert sum(util.values()) == pytest.approx(1.0)
 
 
 def test_cpu_frequency_is_read_once_per_policy_and_reported_per_cpu(
-        fixture_tree: FixtureTree) -> None:
+    fixture_tree: FixtureTree,
+) -> None:
     root = fixture_tree("jetson/orin-nano-jp6")
     found = cpu_discover(Roots.under(root))
     freq = next(s for s in found if isinstance(s, CpuFrequencySensor))
     hz = {r.attributes["cpu.logical_number"]: r.value for r in freq.read()}
     # policy0 (cpu0-3) at 1420800 kHz, policy4 (cpu4-5) at 729600 kHz (fixture README)
-    assert hz == {0: 1420800e3, 1: 1420800e3, 2: 1420800e3, 3: 1420800e3,
-                  4: 729600e3, 5: 729600e3}
+    assert hz == {0: 1420800e3, 1: 1420800e3, 2: 1420800e3, 3: 1420800e3, 4: 729600e3, 5: 729600e3}
     policy0 = root / "sys/devices/system/cpu/cpufreq/policy0/scaling_cur_freq"
     policy0.write_text("729600\n")
     hz = {r.attributes["cpu.logical_number"]: r.value for r in freq.read()}
@@ -104,8 +110,9 @@ def test_cpu_on_this_machine_covers_every_cpu() -> None:
     cpus = {r.attributes["cpu.logical_number"] for r in util}
     assert cpus == set(range(os.cpu_count() or 1))
     for cpu in cpus:
-        assert sum(r.value for r in util if r.attributes["cpu.logical_number"] == cpu) \
-            == pytest.approx(1.0)
+        assert sum(
+            r.value for r in util if r.attributes["cpu.logical_number"] == cpu
+        ) == pytest.approx(1.0)
     # we just spun for 0.3 s: some CPU saw user time
     assert max(r.value for r in util if r.attributes["cpu.mode"] == "user") > 0.2
 
@@ -114,7 +121,8 @@ def write_psi(root: Path, resource: str, avg10: float, avg60: float, total: int)
     (root / "proc/pressure").mkdir(parents=True, exist_ok=True)
     (root / "proc/pressure" / resource).write_text(
         f"some avg10={avg10:.2f} avg60={avg60:.2f} avg300=0.00 total={total}\n"
-        "full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n")
+        "full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n"
+    )
 
 
 def test_pressure_as_a_share_and_fault_isolation(tmp_path: Path) -> None:
@@ -124,10 +132,16 @@ def test_pressure_as_a_share_and_fault_isolation(tmp_path: Path) -> None:
     assert len(found) == 1
     sensor = found[0]
     assert isinstance(sensor, PressureSensor)
-    values = {(r.attributes["edged.resource"], r.attributes["edged.window"]): r.value
-              for r in sensor.read()}
-    assert values == {("memory", "10s"): 0.125, ("memory", "60s"): 0.03,
-                      ("cpu", "10s"): 0.5, ("cpu", "60s"): 0.4}
+    values = {
+        (r.attributes["edged.resource"], r.attributes["edged.window"]): r.value
+        for r in sensor.read()
+    }
+    assert values == {
+        ("memory", "10s"): 0.125,
+        ("memory", "60s"): 0.03,
+        ("cpu", "10s"): 0.5,
+        ("cpu", "60s"): 0.4,
+    }
     assert sensor.total_us == {"memory": 123456, "cpu": 999}
     (tmp_path / "proc/pressure/cpu").write_text("garbage\n")
     with pytest.raises(Exception, match="no 'some' line"):
@@ -159,7 +173,11 @@ def test_discovery_on_a_bare_root_reports_absent_not_error(tmp_path: Path) -> No
     sensors, statuses = discover_all(Roots.under(tmp_path), backends=PROCFS_ONLY)
     assert sensors == []
     assert {s.name: s.status for s in statuses} == {
-        "memory": "absent", "cpu": "absent", "cpufreq": "absent", "pressure": "absent"}
+        "memory": "absent",
+        "cpu": "absent",
+        "cpufreq": "absent",
+        "pressure": "absent",
+    }
 
 
 def test_vanished_and_garbage_meminfo_raise_then_recover(fixture_tree: FixtureTree) -> None:
@@ -169,7 +187,7 @@ def test_vanished_and_garbage_meminfo_raise_then_recover(fixture_tree: FixtureTr
     assert sensor.read()
     sensor.close()
     (root / "proc/meminfo").write_text("MemTotal: lots kB\n")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="lots"):
         sensor.read()
     (root / "proc/meminfo").write_bytes(good)  # rewritten in place, as the kernel does
     assert len(sensor.read()) >= 10
@@ -192,6 +210,6 @@ def test_copy_of_real_proc_files(tmp_path: Path) -> None:
     (tmp_path / "proc").mkdir()
     for name in ("meminfo", "stat"):
         shutil.copyfile(f"/proc/{name}", tmp_path / "proc" / name)
-    sensors, statuses = discover_all(Roots.under(tmp_path), backends=PROCFS_ONLY[:2])
+    sensors, _statuses = discover_all(Roots.under(tmp_path), backends=PROCFS_ONLY[:2])
     assert {s.name for s in sensors} == {"memory", "cpu"}
     assert all(s.read() for s in sensors)

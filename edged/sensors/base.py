@@ -112,7 +112,16 @@ def read_text(path: Path) -> str | None:
     try:
         return path.read_text(encoding="utf-8", errors="replace").strip()
     except OSError as exc:
-        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.ENODEV,
-                         errno.EINVAL, errno.EIO, errno.EAGAIN, errno.ENODATA):
+        if exc.errno in (
+            errno.ENOENT,
+            errno.ENOTDIR,
+            errno.EACCES,
+            errno.EPERM,
+            errno.ENODEV,
+            errno.EINVAL,
+            errno.EIO,
+            errno.EAGAIN,
+            errno.ENODATA,
+        ):
             return None
         raise

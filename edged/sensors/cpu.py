@@ -70,18 +70,19 @@ class CpuTimeSensor(Sensor):
         cpus = parse_stat(self._file.read_bytes())
         out: list[Reading] = []
         for cpu, ticks in cpus.items():
-            for (mode, _), value in zip(_MODES, ticks):
+            for (mode, _), value in zip(_MODES, ticks, strict=False):
                 out.append(Reading("system.cpu.time", value / USER_HZ, self._attributes(cpu, mode)))
             previous = self._previous.get(cpu)
             if previous is None:
                 continue
-            deltas = [max(0, a - b) for a, b in zip(ticks, previous)]
+            deltas = [max(0, a - b) for a, b in zip(ticks, previous, strict=False)]
             total = sum(deltas)
             if total == 0:
                 continue  # no tick elapsed on this CPU (very short interval): nothing to say
-            for (mode, _), delta in zip(_MODES, deltas):
-                out.append(Reading("system.cpu.utilization", delta / total,
-                                   self._attributes(cpu, mode)))
+            for (mode, _), delta in zip(_MODES, deltas, strict=False):
+                out.append(
+                    Reading("system.cpu.utilization", delta / total, self._attributes(cpu, mode))
+                )
         self._previous = cpus
         return out
 
@@ -99,8 +100,9 @@ class CpuFrequencySensor(Sensor):
     name = "cpufreq"
 
     def __init__(self, policies: dict[Path, list[int]]) -> None:
-        self._policies = [(KeptFile(path / "scaling_cur_freq"), cpus)
-                          for path, cpus in sorted(policies.items())]
+        self._policies = [
+            (KeptFile(path / "scaling_cur_freq"), cpus) for path, cpus in sorted(policies.items())
+        ]
 
     def read(self) -> list[Reading]:
         out: list[Reading] = []
@@ -128,8 +130,9 @@ def _cpufreq_policies(roots: Roots) -> dict[Path, list[int]]:
         link = base / entry / "cpufreq"
         if not (link / "scaling_cur_freq").exists():
             continue
-        policy = Path(os.path.normpath(base / entry / os.readlink(link))) if link.is_symlink() \
-            else link
+        policy = (
+            Path(os.path.normpath(base / entry / os.readlink(link))) if link.is_symlink() else link
+        )
         policies.setdefault(policy, []).append(int(m.group(1)))
     return policies
 
@@ -148,5 +151,11 @@ def discover(roots: Roots) -> list[Sensor | Absent]:
     return found
 
 
-__all__ = ["CpuFrequencySensor", "CpuTimeSensor", "SensorError", "discover", "parse_stat",
-           "read_text"]
+__all__ = [
+    "CpuFrequencySensor",
+    "CpuTimeSensor",
+    "SensorError",
+    "discover",
+    "parse_stat",
+    "read_text",
+]

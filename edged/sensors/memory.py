@@ -12,8 +12,16 @@ from __future__ import annotations
 from edged.sensors.base import Absent, KeptFile, Roots, Sensor, SensorError
 from edged.snapshot import Reading
 
-_WANTED = {b"MemTotal", b"MemFree", b"MemAvailable", b"Buffers", b"Cached", b"SReclaimable",
-           b"SwapTotal", b"SwapFree"}
+_WANTED = {
+    b"MemTotal",
+    b"MemFree",
+    b"MemAvailable",
+    b"Buffers",
+    b"Cached",
+    b"SReclaimable",
+    b"SwapTotal",
+    b"SwapFree",
+}
 
 
 def parse_meminfo(raw: bytes) -> dict[str, int]:
@@ -63,10 +71,11 @@ class MemorySensor(Sensor):
         # Kernels before 3.14 have no MemAvailable; free+buffers+cached is the old estimate.
         available = info.get("MemAvailable", free + buffers + cached)
         states = {"used": used, "free": free, "buffers": buffers, "cached": cached}
-        out = [Reading("system.memory.usage", float(v), _STATE_ATTRS[k])
-               for k, v in states.items()]
-        out += [Reading("system.memory.utilization", v / total, _STATE_ATTRS[k])
-                for k, v in states.items()]
+        out = [Reading("system.memory.usage", float(v), _STATE_ATTRS[k]) for k, v in states.items()]
+        out += [
+            Reading("system.memory.utilization", v / total, _STATE_ATTRS[k])
+            for k, v in states.items()
+        ]
         out.append(Reading("system.memory.limit", float(total)))
         out.append(Reading("system.memory.linux.available", float(available)))
         swap_total = info.get("SwapTotal", 0)

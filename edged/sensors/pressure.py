@@ -29,8 +29,11 @@ class PressureSensor(Sensor):
 
     def __init__(self, roots: Roots, resources: list[str]) -> None:
         self._files = [(r, KeptFile(roots.proc / "pressure" / r)) for r in resources]
-        self._attrs = {(r, w): {"edged.resource": r, "edged.window": w}
-                       for r in resources for w in ("10s", "60s")}
+        self._attrs = {
+            (r, w): {"edged.resource": r, "edged.window": w}
+            for r in resources
+            for w in ("10s", "60s")
+        }
         self.total_us: dict[str, int] = {}
 
     def read(self) -> list[Reading]:

@@ -18,6 +18,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from edged.config import Rule
 from edged.rules import Classifier, ProcessInfo, parse_stat_fields, read_process_info
@@ -113,9 +114,7 @@ class ProcessSensor(Sensor):
         if watched is not None:
             watched.close()
 
-    def _path(self) -> os.PathLike[str]:
-        from pathlib import Path
-
+    def _path(self) -> Path:
         return Path(self._proc)
 
     def _add(self, info: ProcessInfo, klass: str, client: str = "") -> None:
@@ -171,12 +170,20 @@ class ProcessSensor(Sensor):
             ticks = (int(fields[11]), int(fields[12]))
             if w.cpu_ticks is not None and now_s > w.read_at_s:
                 elapsed_ticks = (now_s - w.read_at_s) * USER_HZ
-                out.append(Reading("process.cpu.utilization",
-                                   max(0, ticks[0] - w.cpu_ticks[0]) / elapsed_ticks,
-                                   w.user_attrs))
-                out.append(Reading("process.cpu.utilization",
-                                   max(0, ticks[1] - w.cpu_ticks[1]) / elapsed_ticks,
-                                   w.system_attrs))
+                out.append(
+                    Reading(
+                        "process.cpu.utilization",
+                        max(0, ticks[0] - w.cpu_ticks[0]) / elapsed_ticks,
+                        w.user_attrs,
+                    )
+                )
+                out.append(
+                    Reading(
+                        "process.cpu.utilization",
+                        max(0, ticks[1] - w.cpu_ticks[1]) / elapsed_ticks,
+                        w.system_attrs,
+                    )
+                )
             w.cpu_ticks = ticks
             w.read_at_s = now_s
         for pid in gone:

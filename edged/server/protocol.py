@@ -65,8 +65,7 @@ def parse_request(line: bytes) -> Request:
         raise RpcError(INVALID_REQUEST, "method must be a string", {"id": rid})
     params = obj.get("params")
     if params is not None and not isinstance(params, dict):
-        raise RpcError(INVALID_PARAMS, "params must be an object (named parameters)",
-                       {"id": rid})
+        raise RpcError(INVALID_PARAMS, "params must be an object (named parameters)", {"id": rid})
     return Request(jsonrpc="2.0", method=method, id=rid, params=params, has_id="id" in obj)
 
 

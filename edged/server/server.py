@@ -106,7 +106,8 @@ class Server:
     async def start(self, sock: socket.socket) -> None:
         sock.setblocking(False)
         self._server = await asyncio.start_unix_server(
-            self._serve, sock=sock, limit=self.max_line_bytes + 1)
+            self._serve, sock=sock, limit=self.max_line_bytes + 1
+        )
 
     async def close(self) -> None:
         self.closing = True
@@ -114,8 +115,9 @@ class Server:
             self._server.close()
         for writer in list(self.clients):
             with contextlib.suppress(OSError, RuntimeError):
-                writer.write(protocol.encode_notification(
-                    "shutdown", {"code": protocol.SHUTTING_DOWN}))
+                writer.write(
+                    protocol.encode_notification("shutdown", {"code": protocol.SHUTTING_DOWN})
+                )
             writer.close()
         for task in list(self._tasks):
             task.cancel()
@@ -140,13 +142,15 @@ class Server:
             self.clients.discard(writer)
             writer.close()
 
-    async def _connection(self, reader: asyncio.StreamReader,
-                          writer: asyncio.StreamWriter) -> None:
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sock = writer.get_extra_info("socket")
         peer = peer_credentials(sock)
         if len(self.clients) >= self.max_clients:
-            writer.write(protocol.encode_error(None, protocol.TOO_MANY,
-                                               f"too many clients (max {self.max_clients})"))
+            writer.write(
+                protocol.encode_error(
+                    None, protocol.TOO_MANY, f"too many clients (max {self.max_clients})"
+                )
+            )
             await writer.drain()
             return
         self.clients.add(writer)
@@ -154,17 +158,25 @@ class Server:
             try:
                 line = await reader.readuntil(b"\n")
             except asyncio.LimitOverrunError:
-                writer.write(protocol.encode_error(
-                    None, protocol.INVALID_REQUEST,
-                    f"line longer than {self.max_line_bytes} bytes; closing"))
+                writer.write(
+                    protocol.encode_error(
+                        None,
+                        protocol.INVALID_REQUEST,
+                        f"line longer than {self.max_line_bytes} bytes; closing",
+                    )
+                )
                 await writer.drain()
                 return
             except asyncio.IncompleteReadError:
                 return  # EOF (a partial last line without newline is dropped)
             if len(line) > self.max_line_bytes + 1:
-                writer.write(protocol.encode_error(
-                    None, protocol.INVALID_REQUEST,
-                    f"line longer than {self.max_line_bytes} bytes; closing"))
+                writer.write(
+                    protocol.encode_error(
+                        None,
+                        protocol.INVALID_REQUEST,
+                        f"line longer than {self.max_line_bytes} bytes; closing",
+                    )
+                )
                 await writer.drain()
                 return
             if not line.strip():
