@@ -152,3 +152,13 @@ def test_check_config_exit_codes(tmp_path: Path) -> None:
     assert "sampling.foo" in result.stderr
     result = run_cli("check-config", "--bogus")
     assert result.returncode == 2
+
+
+def test_the_shipped_example_config_is_valid_and_matches_the_defaults() -> None:
+    example = Path(__file__).resolve().parent.parent / "examples" / "edged.toml"
+    config = cfg.load(example, environ={})
+    defaults = cfg.load(None, environ={"EDGED_CONFIG": str(example)})
+    assert config == defaults
+    assert config.sampling.interval_s == cfg.Config().sampling.interval_s
+    assert config.limits == cfg.Config().limits
+    assert config.telemetry.prometheus == cfg.Config().telemetry.prometheus
