@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Callable
@@ -51,6 +52,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.add_marker(pytest.mark.skip(reason=reasons_nvidia))
 
 
+_LINK_RE = re.compile(rb"[\w@.:+-]+(/[\w@.:+-]+)*")
+
+
 def restore_symlinks(tree: Path) -> int:
     """Turn flattened links back into symlinks; returns how many.
 
@@ -66,7 +70,10 @@ def restore_symlinks(tree: Path) -> int:
             if path.is_symlink() or path.stat().st_size > 4096:
                 continue
             raw = path.read_bytes()
-            if not raw.startswith(b"../") or b"\n" in raw or b"\0" in raw:
+            if not raw or b"\n" in raw or b"\0" in raw or not _LINK_RE.fullmatch(raw):
+                continue
+            # "../x" is always a link here; a bare "x/y" only if it names something beside it
+            if not raw.startswith(b"../") and not (path.parent / raw.decode()).exists():
                 continue
             path.unlink()
             path.symlink_to(raw.decode())

@@ -1,0 +1,1 @@
+"""Fakes of optional libraries, with the real libraries' types, errors and constants."""
