@@ -204,8 +204,8 @@ class Telemetry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     prometheus: str = "127.0.0.1:9464"  # "host:port" or "off"
 
     def __post_init__(self) -> None:
-        if self.export_interval is not None:
-            parse_duration_s(self.export_interval)
+        if self.export_interval is not None and parse_duration_s(self.export_interval) <= 0:
+            raise ValueError("export_interval: must be greater than zero")
         if self.prometheus != "off":
             parse_listen_address(self.prometheus)
 

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from edged.telemetry import Telemetry
 
 log = logging.getLogger("edged")
+EXIT_BAD_CONFIG = 6  # DESIGN section 7
 
 
 def roots_of(config: config_mod.Config) -> Roots:
@@ -148,7 +149,12 @@ class Daemon:
             loop.add_signal_handler(signum, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._request_reload)
         self._sampler = self._build_sampler()
-        self._start_telemetry()
+        try:
+            self._start_telemetry()
+        except config_mod.ConfigError as exc:  # TelemetryError: an OTEL_* value, a busy port
+            log.error("bad configuration: %s", exc)
+            self._shutdown_parts()
+            return EXIT_BAD_CONFIG
         try:
             await self._start_server()
         except OSError as exc:

@@ -183,3 +183,20 @@ def test_status_cli_against_the_daemon_and_without_it(tmp_path: Path) -> None:
     )
     assert result.returncode == 3
     assert "not running" in result.stderr
+
+
+def test_a_busy_prometheus_port_is_a_bad_config_exit_6(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "edged", "run", "--socket", str(tmp_path / "s.sock"),
+             "--prometheus", f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=30,
+            check=False)
+    assert result.returncode == 6, result.stderr
+    assert "bad configuration" in result.stderr
+    assert not (tmp_path / "s.sock").exists()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pynvml as real_pynvml
 import pytest
@@ -441,3 +442,29 @@ def test_real_gpu() -> None:
     finally:
         for sensor in gpus:
             sensor.close()
+
+
+def test_no_driver_means_absent_without_importing_nvidia_ml_py(tmp_path: Path) -> None:
+    """Most machines have no NVIDIA driver: they must not pay 4 MiB of RSS for pynvml."""
+    import subprocess
+    import sys
+
+    if nvml_driver_here():
+        pytest.skip("this machine has an NVIDIA driver node under /dev")
+    (tmp_path / "proc").mkdir()
+    code = (
+        "import sys; from edged.sensors.base import Roots; from edged.sensors import nvml; "
+        f"print(nvml.discover(Roots.under({str(tmp_path)!r}))); "
+        "print('pynvml' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    ).stdout.splitlines()
+    assert "no NVIDIA driver" in out[0]
+    assert out[1] == "False"
+
+
+def nvml_driver_here() -> bool:
+    import os
+
+    return os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/dxg")

@@ -336,22 +336,28 @@ def test_hwmon_energy_never_goes_backwards(tmp_path: Path) -> None:
     assert values(sensor.read(), "hw.energy") == {"hwmon:amd_energy:amd_energy.0:energy1": 10.0}
 
 
-def test_ina_monitors_are_left_to_the_jetson_backend(tree: Tree, tmp_path: Path) -> None:
+def test_ina_monitors_are_left_to_the_jetson_backend_on_a_jetson(tmp_path: Path) -> None:
     """Thor's INA238 VIN has a power1_input; reporting it here would double it."""
-    found = discover(Roots(sys=tree("agx-thor-jp7") / "sys"))
+    thor = Path(__file__).parent / "data" / "jetson" / "agx-thor-jp7"
+    found = discover(Roots.under(thor))
     assert sensors_of(found) == {}
     assert "ina238" in absents_of(found)["hwmon-power"]
 
+
+def test_ina_monitors_elsewhere_are_plain_hwmon_power_meters(tmp_path: Path) -> None:
+    """Off a Jetson nobody else reads an INA226: it is an ordinary power meter here."""
     sys = tmp_path / "sys"
     make_chip(sys, "hwmon0", "ina226", "i2c-1/1-0045", power1_input="2000000\n")
-    assert sensors_of(discover(Roots(sys=sys))) == {}
+    found = sensors_of(discover(Roots(sys=sys, proc=tmp_path / "proc", etc=tmp_path / "etc")))
+    assert len(found) == 1
+    (sensor,) = found.values()
+    assert list(values(sensor.read(), "hw.power").values()) == [2.0]
 
 
 @pytest.mark.parametrize("name", ["orin-nano-jp6", "agx-thor-jp7"])
-def test_jetson_trees_have_no_power_sources_for_this_module(tree: Tree, name: str) -> None:
-    sensors, statuses = discover_all(
-        Roots(sys=tree(name) / "sys"), backends=("edged.sensors.power",)
-    )
+def test_jetson_trees_have_no_power_sources_for_this_module(name: str) -> None:
+    board = Path(__file__).parent / "data" / "jetson" / name  # the whole board: proc, sys, etc
+    sensors, statuses = discover_all(Roots.under(board), backends=("edged.sensors.power",))
     assert sensors == []
     assert {s.name: s.status for s in statuses} == {
         "rapl": "absent",

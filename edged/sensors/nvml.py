@@ -33,6 +33,8 @@ other NVML error (``GpuIsLost``, ``Unknown``, ...) raises :class:`SensorError`, 
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from collections.abc import Callable
 from functools import partial
 from types import ModuleType
@@ -341,6 +343,16 @@ class NvmlGpu(Sensor):
             self._session.release()
 
 
+def driver_present(roots: Roots) -> bool:
+    """Whether an NVIDIA driver could answer NVML: its kernel module's procfs directory, its
+    control device, or WSL's GPU device (where NVML comes from the Windows driver)."""
+    return (
+        (roots.proc / "driver" / "nvidia").exists()
+        or os.path.exists("/dev/nvidiactl")
+        or os.path.exists("/dev/dxg")
+    )
+
+
 def discover(roots: Roots) -> list[Sensor | Absent]:
     """One :class:`NvmlGpu` per GPU NVML sees, or Absent when there is no driver or library.
 
@@ -349,7 +361,10 @@ def discover(roots: Roots) -> list[Sensor | Absent]:
     device nodes, a library/kernel version mismatch after an upgrade) is a fault the operator
     must see, so it raises :class:`SensorError` and discovery reports the source as "error".
     """
-    del roots  # NVML reads /dev/nvidia*, not sysfs
+    if "pynvml" not in sys.modules and not driver_present(roots):
+        # nvidia-ml-py costs 4.4 MiB of RSS just to import; without a driver it can only
+        # answer LibraryNotFound/DriverNotLoaded, so the import is skipped.
+        return [Absent(SOURCE, "no NVIDIA driver (no /proc/driver/nvidia, /dev/nvidiactl)")]
     try:
         import pynvml as nv
     except ImportError:

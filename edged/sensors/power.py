@@ -297,11 +297,16 @@ def hwmon_power_sensor(chip: HwmonChip) -> HwmonPowerSensor | None:
 
 
 def discover_hwmon_power(roots: Roots) -> list[Sensor | Absent]:
-    """One sensor per hwmon chip with power or energy inputs, INA monitors excepted."""
+    """One sensor per hwmon chip with power or energy inputs; INA monitors on a Jetson
+    excepted (the jetson backend reads those as labelled rails). On any other board an INA
+    chip with ``power*_input`` (ina219/226/238) is an ordinary hwmon power meter."""
+    from edged.sensors.jetson import read_board
+
+    on_jetson = read_board(roots).is_jetson
     found: list[Sensor | Absent] = []
     left_to_jetson: list[str] = []
     for chip in hwmon_chips(roots):
-        if _JETSON_OWNED_CHIP.match(chip.name):
+        if on_jetson and _JETSON_OWNED_CHIP.match(chip.name):
             left_to_jetson.append(chip.name)
             continue
         sensor = hwmon_power_sensor(chip)
