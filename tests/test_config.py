@@ -67,6 +67,7 @@ def test_precedence_file_dropin_env_flags(tmp_path: Path) -> None:
         ('[[rules]]\ncmdline = "(unclosed"\n', "rules[0]", "regular expression"),
         ('[limits.memory]\nsoft = "150%"\n', "limits.memory", "percentage"),
         ('[telemetry]\nprometheus = "nowhere"\n', "telemetry", "host:port"),
+        ("[telemetry]\nexport_interval = 0\n", "telemetry", "greater than zero"),
         ("[bogus]\nx = 1\n", "bogus", "unknown key"),
     ],
 )

@@ -198,7 +198,6 @@ def test_interval_headers_and_timeout_precedence(caplog: pytest.LogCaptureFixtur
             {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"},
             "OTEL_EXPORTER_OTLP_PROTOCOL",
         ),
-        ({"otlp": "http://c:4318", "export_interval": 0}, {}, "telemetry.export_interval"),
     ],
 )
 def test_unusable_settings_are_errors_naming_the_key(
