@@ -60,5 +60,5 @@ def discover_all(
                 statuses.append(SourceStatus(item.name, "absent", item.detail))
             else:
                 sensors.append(item)
-                statuses.append(SourceStatus(item.name, "ok", ""))
+                statuses.append(SourceStatus(item.name, "ok", item.describe()))
     return sensors, statuses

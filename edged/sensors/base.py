@@ -60,6 +60,10 @@ class Sensor(abc.ABC):
     def close(self) -> None:  # noqa: B027 - most sensors hold nothing
         """Release kept-open files and handles."""
 
+    def describe(self) -> str:
+        """One line about what was found (a board model, a GPU name); "" when nothing to add."""
+        return ""
+
 
 class KeptFile:
     """A file read again and again through one open descriptor and ``os.pread``.

@@ -212,6 +212,10 @@ class _BoardSensor(Sensor):
     def l4t_release(self) -> str | None:
         return self.board.l4t_release
 
+    def describe(self) -> str:
+        release = f", L4T {self.board.l4t_release}" if self.board.l4t_release else ""
+        return f"{self.board.model or 'unknown Jetson'}{release}"
+
 
 class JetsonGpu(_BoardSensor):
     """GPU clock (devfreq ``cur_freq``) and, where nvgpu has it, load (``load``, per-mille)."""
