@@ -3,9 +3,10 @@
 Which processes: those a ``[[rules]]`` entry matches (``[sampling] processes = "rules"``), every
 user-space process (``"all"``), or none; plus any pid added with :meth:`ProcessSensor.watch`
 (budget clients). ``/proc`` is listed every ``rescan_s`` for new pids; a new pid's cmdline,
-exe and cgroup are read once, to classify it. Every tick then costs two ``pread`` calls per
-process on descriptors kept open (``stat`` and ``statm``), so the cost is linear in the number
-of watched processes and independent of the number of processes on the machine.
+exe and cgroup are read once, to classify it. Every tick then costs one ``pread`` call per
+process on a descriptor kept open (``stat``, which carries CPU times, start time and resident
+pages), so the cost is linear in the number of watched processes and independent of the number
+of processes on the machine.
 
 A vanished process makes pread fail with ESRCH: it is dropped, not reported as an error. A pid
 reused by a new process is told apart by its start time.
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edged.config import Rule
-from edged.rules import Classifier, ProcessInfo, parse_stat_fields, read_process_info
+from edged.rules import Classifier, ProcessInfo, read_process_info
 from edged.sensors.base import KeptFile, Roots, Sensor
 from edged.sensors.cpu import USER_HZ
 from edged.snapshot import Reading
@@ -38,7 +39,6 @@ class Watched:
     klass: str
     client: str = ""
     stat: KeptFile = field(init=False)
-    statm: KeptFile = field(init=False)
     cpu_ticks: tuple[int, int] | None = None  # (utime, stime) at the last read
     read_at_s: float = 0.0
     memory_attrs: dict[str, str | int] = field(init=False)
@@ -50,7 +50,6 @@ class Watched:
 
     def open(self, proc: str) -> None:
         self.stat = KeptFile(f"{proc}/{self.info.pid}/stat", 4096)
-        self.statm = KeptFile(f"{proc}/{self.info.pid}/statm", 4096)
 
     def attributes_changed(self) -> None:
         base: dict[str, str | int] = {
@@ -66,7 +65,6 @@ class Watched:
 
     def close(self) -> None:
         self.stat.close()
-        self.statm.close()
 
 
 class ProcessSensor(Sensor):
@@ -151,40 +149,41 @@ class ProcessSensor(Sensor):
         gone: list[int] = []
         for pid, w in self.watched.items():
             try:
-                stat_raw = w.stat.read_bytes()
-                statm_raw = w.statm.read_bytes()
+                raw = w.stat.read_bytes()
             except OSError as exc:
                 if exc.errno in _GONE:
                     gone.append(pid)
                     continue
                 raise
-            if not stat_raw:
+            if not raw:
                 gone.append(pid)
                 continue
-            _, fields = parse_stat_fields(stat_raw)
+            # fields after "(comm) ": state=0 ... utime=11 stime=12 ... starttime=19 ... rss=21
+            fields = raw[raw.rindex(b")") + 2 :].split(None, 22)
             if int(fields[19]) != w.info.start_ticks:  # pid reused by another process
                 gone.append(pid)
                 continue
-            rss_bytes = int(statm_raw.split(None, 2)[1]) * PAGE_SIZE
-            out.append(Reading("process.memory.usage", float(rss_bytes), w.memory_attrs))
-            ticks = (int(fields[11]), int(fields[12]))
+            out.append(
+                Reading("process.memory.usage", float(int(fields[21]) * PAGE_SIZE), w.memory_attrs)
+            )
+            utime, stime = int(fields[11]), int(fields[12])
             if w.cpu_ticks is not None and now_s > w.read_at_s:
                 elapsed_ticks = (now_s - w.read_at_s) * USER_HZ
                 out.append(
                     Reading(
                         "process.cpu.utilization",
-                        max(0, ticks[0] - w.cpu_ticks[0]) / elapsed_ticks,
+                        max(0, utime - w.cpu_ticks[0]) / elapsed_ticks,
                         w.user_attrs,
                     )
                 )
                 out.append(
                     Reading(
                         "process.cpu.utilization",
-                        max(0, ticks[1] - w.cpu_ticks[1]) / elapsed_ticks,
+                        max(0, stime - w.cpu_ticks[1]) / elapsed_ticks,
                         w.system_attrs,
                     )
                 )
-            w.cpu_ticks = ticks
+            w.cpu_ticks = (utime, stime)
             w.read_at_s = now_s
         for pid in gone:
             self.watched.pop(pid).close()
