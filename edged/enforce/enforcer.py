@@ -1,0 +1,363 @@
+"""The enforcer: the only code that acts on processes (DESIGN sections 1, 4 and 5).
+
+``Enforcer.apply(action)`` takes one :class:`~edged.policy.base.Action` and either does it,
+skips it (with a reason), fails (with an :class:`~edged.enforce.signals.EnforceError`) or, in
+dry-run mode, only logs it. Before acting it
+
+1. refuses ``critical`` processes, pid 1 and itself, and a pid whose start time is no longer
+   the one the strategy saw (the process exited and its pid was reused);
+2. calls ``recheck(action)``: the daemon re-reads the resource right before acting, and an
+   action that is no longer needed is dropped and logged ("the situation recovered while
+   selecting a victim", as earlyoom does);
+3. records the change in the state store *before* making it, so that
+   :func:`~edged.enforce.restore.restore_all` can undo it after a crash at any point.
+
+The ladder maps to the backends so:
+
+======================  ==============================================================
+THROTTLE memory         move into ``<subtree>/pid-<pid>`` + memory high (v1: soft limit
+                        and backstop, see :mod:`edged.enforce.cgroupfs`)
+THROTTLE cpu            move into the group + CPU quota (``target`` cores)
+FREEZE                  move into the group + freeze; SIGSTOP where there is no freezer
+THAW                    thaw / SIGCONT; back to the original group once nothing else holds it
+UNTHROTTLE              lift that resource's limit; back to the original group once free
+TERMINATE / KILL        SIGTERM / SIGKILL through a pidfd, then thaw / SIGCONT what edged
+                        froze or stopped, so the signal is acted on
+NOTIFY                  not here: the server sends ``budget.shrink``
+======================  ==============================================================
+
+``reaction_time_s`` is the running median of decision-to-effect times (from the
+``decided_at_s`` the daemon passes, else from the call) over the last actions done; the
+predictive strategy adds it to its horizon.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import statistics
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from edged.enforce.cgroupfs import CgroupBackend
+from edged.enforce.restore import StateStore, StoppedRecord
+from edged.enforce.signals import (
+    EnforceError,
+    NoSuchProcess,
+    ProtectedProcess,
+    Signaller,
+    StaleProcess,
+    read_start_ticks,
+)
+from edged.policy.base import Action, ActionKind, ProcessClass, Resource
+
+log = logging.getLogger(__name__)
+
+REACTION_WINDOW = 63  # actions the running median covers
+DEFAULT_REACTION_TIME_S = 0.05  # until something has been measured (State's default too)
+_UNDO = (ActionKind.THAW, ActionKind.UNTHROTTLE)
+
+
+class Status(str, enum.Enum):
+    """What became of an action."""
+
+    DONE = "done"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+    DRY_RUN = "dry_run"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The result of :meth:`Enforcer.apply`: ``reason`` for skips, ``error`` for failures,
+    ``reaction_s`` (decision to effect) for actions done."""
+
+    status: Status
+    reason: str = ""
+    error: EnforceError | None = None
+    reaction_s: float | None = None
+
+    @classmethod
+    def done(cls, reaction_s: float) -> Outcome:
+        return cls(Status.DONE, reaction_s=reaction_s)
+
+    @classmethod
+    def skipped(cls, reason: str) -> Outcome:
+        return cls(Status.SKIPPED, reason=reason)
+
+    @classmethod
+    def failed(cls, error: EnforceError) -> Outcome:
+        return cls(Status.FAILED, reason=str(error), error=error)
+
+    @classmethod
+    def dry_run(cls) -> Outcome:
+        return cls(Status.DRY_RUN)
+
+
+class Enforcer:
+    """Applies actions through a cgroup ``backend`` (None: signals only) and ``signals``,
+    recording every imposed change in ``state_store`` first.
+
+    ``recheck(action)`` returns whether the action is still needed now; ``clock`` is monotonic
+    seconds (the same clock as ``decided_at_s``).
+    """
+
+    def __init__(
+        self,
+        backend: CgroupBackend | None,
+        signals: Signaller,
+        state_store: StateStore,
+        dry_run: bool,
+        recheck: Callable[[Action], bool],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.backend = backend
+        self.signals = signals
+        self.store = state_store
+        self.dry_run = dry_run
+        self.recheck = recheck
+        self.clock = clock
+        self._reactions_s: deque[float] = deque(maxlen=REACTION_WINDOW)
+
+    @property
+    def reaction_time_s(self) -> float:
+        """Median decision-to-effect time of the recent actions done, seconds."""
+        if not self._reactions_s:
+            return DEFAULT_REACTION_TIME_S
+        return statistics.median(self._reactions_s)
+
+    def apply(self, action: Action, decided_at_s: float | None = None) -> Outcome:
+        """Check, re-check, record, act; never raises an EnforceError (it is the outcome)."""
+        start_s = self.clock() if decided_at_s is None else decided_at_s
+        what = f"{action.kind.value} {action.resource.value} pid={action.pid}"
+        if action.kind is ActionKind.NOTIFY:
+            return Outcome.skipped("notify is sent by the server, not the enforcer")
+        if action.klass is ProcessClass.CRITICAL:
+            log.warning("refusing %s: class critical (%s)", what, action.strategy)
+            return Outcome.skipped("critical class")
+        try:
+            self.signals.check(action.pid, action.start_ticks, action.kind.value)
+        except ProtectedProcess as exc:
+            log.warning("refusing %s: %s", what, exc.detail)
+            return Outcome.skipped(f"protected: {exc.detail}")
+        except (NoSuchProcess, StaleProcess) as exc:
+            if action.kind in _UNDO and not self.dry_run:
+                try:
+                    self._forget(action.pid)  # its group and records are still ours to clean
+                except EnforceError as cleanup:
+                    log.warning("cleaning up after pid=%d: %s", action.pid, cleanup)
+            log.info("dropping %s: %s", what, exc.detail)
+            return Outcome.skipped(f"gone: {exc.detail}")
+        if not self.recheck(action):
+            log.info("dropping %s: the situation recovered while selecting a victim", what)
+            return Outcome.skipped("recovered")
+        if self.dry_run:
+            log.info(
+                "dry run: would %s (target=%s, reason=%s, strategy=%s) %s",
+                what,
+                action.target,
+                action.reason,
+                action.strategy,
+                action.detail,
+            )
+            return Outcome.dry_run()
+        try:
+            skip = self._act(action)
+        except (NoSuchProcess, StaleProcess) as exc:  # it exited while we acted
+            log.info("dropping %s: %s", what, exc.detail)
+            return Outcome.skipped(f"gone: {exc.detail}")
+        except EnforceError as exc:
+            log.warning("failed %s: %s", what, exc)
+            return Outcome.failed(exc)
+        if skip is not None:
+            log.info("skipping %s: %s", what, skip)
+            return Outcome.skipped(skip)
+        reaction_s = self.clock() - start_s
+        self._reactions_s.append(reaction_s)
+        log.info(
+            "%s (reason=%s, strategy=%s, target=%s) in %.1f ms %s",
+            what,
+            action.reason,
+            action.strategy,
+            action.target,
+            reaction_s * 1e3,
+            action.detail,
+        )
+        return Outcome.done(reaction_s)
+
+    def gc(self) -> int:
+        """Remove records and groups of processes that have exited; returns groups removed.
+        The daemon calls it now and then (a killed victim leaves an empty group)."""
+        removed = 0
+        for pid_text, stopped in list(self.store.data.stopped.items()):
+            if read_start_ticks(int(pid_text), self.signals.proc) != stopped.start_ticks:
+                del self.store.data.stopped[pid_text]
+        if self.backend is not None:
+            for group in list(self.store.data.groups):
+                if self.backend.procs(group):
+                    continue
+                try:
+                    self.backend.remove(group)
+                except EnforceError as exc:  # a process forked in since: next time
+                    log.info("gc: keeping %s", exc)
+                    continue
+                del self.store.data.groups[group]
+                removed += 1
+        self.store.save()
+        return removed
+
+    # --- the ladder -------------------------------------------------------------------------
+
+    def _act(self, a: Action) -> str | None:
+        """Do ``a``; a string is a reason to skip it, None means done."""
+        if a.kind is ActionKind.THROTTLE:
+            return self._throttle(a)
+        if a.kind is ActionKind.UNTHROTTLE:
+            return self._unthrottle(a)
+        if a.kind is ActionKind.FREEZE:
+            return self._freeze(a)
+        if a.kind is ActionKind.THAW:
+            return self._thaw(a)
+        if a.kind is ActionKind.TERMINATE:
+            self.signals.terminate(a.pid, a.start_ticks)
+            self._let_signal_through(a)
+            return None
+        if a.kind is ActionKind.KILL:
+            self.signals.kill(a.pid, a.start_ticks)
+            self._let_signal_through(a)
+            return None
+        return f"no enforcement for {a.kind.value}"
+
+    def _need_backend(self, a: Action) -> CgroupBackend:
+        if self.backend is None:
+            raise EnforceError(a.pid, a.kind.value, "no cgroup backend on this machine")
+        return self.backend
+
+    def _group_for(self, backend: CgroupBackend, a: Action) -> tuple[str, bool]:
+        """The edged group for ``a.pid`` and whether it still has to be moved there; where it
+        is now is noted in the record (saved by the caller, with the change, in one write)."""
+        group = self.store.group_of(a.pid)
+        if group is not None and a.pid in backend.procs(group):
+            return group, False
+        # new, or a record left by an earlier process with this pid (not yet gc'd): re-place
+        group = f"{backend.subtree}/pid-{a.pid}"
+        self.store.group(group).origins[str(a.pid)] = backend.where(a.pid)
+        return group, True
+
+    def _place(self, backend: CgroupBackend, a: Action, group: str, move: bool) -> None:
+        if move:
+            backend.place(a.pid, group.rsplit("/", 1)[1])
+
+    def _throttle(self, a: Action) -> str | None:
+        if a.target is None or a.target <= 0:
+            raise EnforceError(a.pid, "throttle", f"needs a positive target, got {a.target}")
+        if a.resource not in (Resource.MEMORY, Resource.CPU):
+            return f"no {a.resource.value} throttle in the cgroup enforcer"
+        backend = self._need_backend(a)
+        group, move = self._group_for(backend, a)
+        record = self.store.group(group)
+        if a.resource is Resource.MEMORY:
+            record.memory_high_bytes = int(a.target)
+            self.store.save()
+            self._place(backend, a, group, move)
+            backend.set_memory_high(group, int(a.target))
+        else:
+            record.cpu_quota_cores = a.target
+            self.store.save()
+            self._place(backend, a, group, move)
+            backend.set_cpu_quota(group, a.target)
+        return None
+
+    def _unthrottle(self, a: Action) -> str | None:
+        group = self.store.group_of(a.pid)
+        if group is None or self.backend is None:
+            return "nothing imposed on it"
+        record = self.store.group(group)
+        if a.resource is Resource.MEMORY:
+            self.backend.set_memory_high(group, None)
+            record.memory_high_bytes = None
+        elif a.resource is Resource.CPU:
+            self.backend.set_cpu_quota(group, None)
+            record.cpu_quota_cores = None
+        else:
+            return f"no {a.resource.value} throttle in the cgroup enforcer"
+        self.store.save()
+        self._release_if_free(group)
+        return None
+
+    def _freeze(self, a: Action) -> str | None:
+        backend = self.backend
+        if backend is not None and backend.can_freeze:
+            group, move = self._group_for(backend, a)
+            self.store.group(group).frozen = True
+            self.store.save()
+            self._place(backend, a, group, move)
+            backend.freeze(group)
+            return None
+        self.store.data.stopped[str(a.pid)] = StoppedRecord(a.start_ticks)
+        self.store.save()
+        self.signals.stop(a.pid, a.start_ticks)
+        return None
+
+    def _thaw(self, a: Action) -> str | None:
+        group = self.store.group_of(a.pid)
+        stopped = str(a.pid) in self.store.data.stopped
+        if not stopped and (group is None or not self.store.group(group).frozen):
+            return "not frozen by edged"
+        self._unfreeze(a.pid, a.start_ticks)
+        if group is not None:
+            self._release_if_free(group)
+        return None
+
+    def _unfreeze(self, pid: int, start_ticks: int) -> None:
+        """Thaw the group / SIGCONT the process edged froze; records updated after (undoing
+        twice is harmless, missing an undo is not)."""
+        group = self.store.group_of(pid)
+        if group is not None and self.backend is not None and self.store.group(group).frozen:
+            self.backend.thaw(group)
+            self.store.group(group).frozen = False
+            self.store.save()
+        if str(pid) in self.store.data.stopped:
+            self.signals.cont(pid, start_ticks)
+            del self.store.data.stopped[str(pid)]
+            self.store.save()
+
+    def _let_signal_through(self, a: Action) -> None:
+        """A frozen (v1) or stopped process does not act on TERM or KILL until it runs."""
+        try:
+            self._unfreeze(a.pid, a.start_ticks)
+        except NoSuchProcess:  # SIGKILL already took it
+            self.store.data.stopped.pop(str(a.pid), None)
+            self.store.save()
+
+    def _release_if_free(self, group: str) -> None:
+        """Once nothing is imposed on ``group``, move its processes back where they came from
+        and remove it."""
+        record = self.store.group(group)
+        if record.frozen or record.throttled() or self.backend is None:
+            return
+        fallback = next(iter(record.origins.values()), {})
+        for pid in self.backend.procs(group):
+            self.backend.release(pid, record.origins.get(str(pid), fallback))
+        self.backend.remove(group)
+        del self.store.data.groups[group]
+        self.store.save()
+
+    def _forget(self, pid: int) -> None:
+        """Clean up after a process that exited while edged held it."""
+        self.store.data.stopped.pop(str(pid), None)
+        group = self.store.group_of(pid)
+        if group is not None and self.backend is not None:
+            record = self.store.group(group)
+            if record.frozen:
+                self.backend.thaw(group)
+                record.frozen = False
+            if record.throttled():
+                self.backend.set_memory_high(group, None)
+                self.backend.set_cpu_quota(group, None)
+                record.memory_high_bytes = record.cpu_quota_cores = None
+            self._release_if_free(group)
+        self.store.save()

@@ -1,0 +1,198 @@
+"""What edged has imposed, on disk, so that it can all be undone after SIGTERM or a crash.
+
+The enforcer records every change *before* it makes it, in a small JSON file
+(``$STATE_DIRECTORY/imposed.json``, else ``/var/lib/edged/imposed.json``), written atomically
+(temp file, fsync, rename, fsync of the directory), so a crash at any point leaves either the
+old or the new file, and the file never misses a change that was made. A recorded change that
+was never made costs nothing to undo (thawing a thawed group, lifting an unset limit).
+
+:func:`restore_all` undoes everything in the file: thaws frozen groups, sends SIGCONT to stopped
+processes, lifts throttles, moves processes back to their original groups, removes edged's empty
+groups and clears the file. It is idempotent and tolerates vanished processes and groups, so it
+can run on SIGTERM and again at the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
+
+from edged.enforce.cgroupfs import CgroupBackend
+from edged.enforce.signals import (
+    CgroupError,
+    NoSuchProcess,
+    Signaller,
+    StaleProcess,
+)
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "imposed.json"
+DEFAULT_STATE_DIRECTORY = Path("/var/lib/edged")
+
+
+class GroupRecord(msgspec.Struct, omit_defaults=True):
+    """One of edged's groups and what is set on it."""
+
+    origins: dict[str, dict[str, str]] = {}  # pid (as text) -> controller -> original path
+    frozen: bool = False
+    memory_high_bytes: int | None = None
+    memory_max_bytes: int | None = None
+    cpu_quota_cores: float | None = None
+
+    def throttled(self) -> bool:
+        """Whether any limit is in force on the group."""
+        return (
+            self.memory_high_bytes is not None
+            or self.memory_max_bytes is not None
+            or self.cpu_quota_cores is not None
+        )
+
+
+class StoppedRecord(msgspec.Struct):
+    """A process stopped with SIGSTOP (the fallback where there is no freezer)."""
+
+    start_ticks: int
+
+
+class Imposed(msgspec.Struct):
+    """The whole file."""
+
+    version: int = 1
+    groups: dict[str, GroupRecord] = {}  # group path -> record
+    stopped: dict[str, StoppedRecord] = {}  # pid (as text) -> record
+
+    def empty(self) -> bool:
+        """Nothing imposed."""
+        return not self.groups and not self.stopped
+
+
+def state_directory() -> Path:
+    """``$STATE_DIRECTORY`` (systemd's StateDirectory=; first entry) or /var/lib/edged."""
+    env = os.environ.get("STATE_DIRECTORY", "")
+    return Path(env.split(":")[0]) if env else DEFAULT_STATE_DIRECTORY
+
+
+class StateStore:
+    """The imposed-changes file in ``directory``; ``data`` is the in-memory copy, and
+    :meth:`save` writes it through atomically."""
+
+    def __init__(self, directory: Path | None = None) -> None:
+        self.directory = state_directory() if directory is None else directory
+        self.path = self.directory / STATE_FILE
+        self.data = self._load()
+
+    def _load(self) -> Imposed:
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return Imposed()
+        try:
+            return msgspec.json.decode(raw, type=Imposed)
+        except msgspec.DecodeError as exc:
+            # a torn file cannot happen (atomic rename); a hand-edited bad one must not stop
+            # the daemon from starting: keep it aside for the operator and start empty
+            aside = self.path.with_suffix(".bad")
+            log.error("state file %s unreadable (%s); moved to %s", self.path, exc, aside)
+            os.replace(self.path, aside)
+            return Imposed()
+
+    def save(self) -> None:
+        """Write ``data`` atomically: temp file, fsync, rename over, fsync the directory."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{STATE_FILE}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, msgspec.json.encode(self.data))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.path)
+        dfd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def group(self, group: str) -> GroupRecord:
+        """The record of ``group``, created (not yet saved) if new."""
+        return self.data.groups.setdefault(group, GroupRecord())
+
+    def group_of(self, pid: int) -> str | None:
+        """The edged group ``pid`` was placed in, if any."""
+        key = str(pid)
+        for name, record in self.data.groups.items():
+            if key in record.origins:
+                return name
+        return None
+
+    def clear(self) -> None:
+        """Forget everything and save."""
+        self.data = Imposed()
+        self.save()
+
+
+def restore_all(store: StateStore, backend: CgroupBackend | None, signals: Signaller) -> int:
+    """Undo everything recorded in ``store``; returns how many processes were resumed or
+    moved back. Safe to call twice, with vanished pids and groups, and with no backend (only
+    SIGSTOPs are then undone)."""
+    data = store.data
+    restored = 0
+    for pid_text, stopped in data.stopped.items():
+        try:
+            signals.cont(int(pid_text), stopped.start_ticks)
+            restored += 1
+        except (NoSuchProcess, StaleProcess) as exc:
+            log.info("restore: not resuming %s: %s", pid_text, exc)
+    if backend is None and data.groups:
+        log.warning("restore: no cgroup backend; forgetting groups %s", sorted(data.groups))
+    if backend is not None:
+        for group, record in data.groups.items():
+            restored += _restore_group(backend, group, record)
+        for group in backend.groups():  # also groups a crash left unrecorded or half-removed
+            _remove(backend, group)
+        _remove(backend, backend.subtree)
+    store.clear()
+    return restored
+
+
+def _restore_group(backend: CgroupBackend, group: str, record: GroupRecord) -> int:
+    """Thaw, lift limits and move everything in ``group`` back; pids that were not placed by
+    edged (children forked inside the group) go where their parent's record says."""
+    if record.frozen:
+        try:
+            backend.thaw(group)
+        except CgroupError as exc:
+            log.warning("restore: %s", exc)
+    if record.throttled():
+        _lift(lambda: backend.set_memory_high(group, None))
+        _lift(lambda: backend.set_memory_max(group, None))
+        _lift(lambda: backend.set_cpu_quota(group, None))
+    fallback = next(iter(record.origins.values()), None)
+    moved = 0
+    for pid in backend.procs(group):
+        origin = record.origins.get(str(pid), fallback)
+        try:
+            if backend.release(pid, origin or {}):
+                moved += 1
+        except CgroupError as exc:
+            log.warning("restore: %s", exc)
+    return moved
+
+
+def _lift(call: Callable[[], None]) -> None:
+    try:
+        call()
+    except CgroupError as exc:  # the group is gone: nothing to lift
+        log.info("restore: %s", exc)
+
+
+def _remove(backend: CgroupBackend, group: str) -> None:
+    try:
+        backend.remove(group)
+    except CgroupError as exc:  # not empty: a process we could not move; keep the group
+        log.warning("restore: keeping %s", exc)
