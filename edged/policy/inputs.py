@@ -1,0 +1,172 @@
+"""From a Snapshot and the config to a strategy's State: pure, no I/O.
+
+Resolving limits needs the machine's totals ("90%" of MemTotal, "50%" of the CPUs), which come
+from the snapshot, so this is done per tick (cheaply) rather than once at load.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+
+from edged.config import Level, Limits, parse_size_bytes
+from edged.policy.base import Imposed, Limit, ProcessClass, ProcessView, Resource, State
+from edged.snapshot import AttrValue, Reading, Snapshot
+
+_BUSY_EXCLUDED = ("idle", "iowait")  # iowait is waiting, not computing
+
+
+def resolve_level(
+    value: float | int | str | None, resource: Resource, capacity: float | None
+) -> float | None:
+    """One soft/hard value in the resource's base unit; None when unset or unresolvable
+    (a percentage of a total this machine does not report)."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip().endswith("%"):
+        if capacity is None:
+            return None
+        return float(value.strip()[:-1]) / 100.0 * capacity
+    if resource in (Resource.MEMORY, Resource.GPU_MEMORY):
+        return float(parse_size_bytes(value))
+    return float(value)
+
+
+def resolve_limits(limits: Limits, capacity: Mapping[Resource, float]) -> dict[Resource, Limit]:
+    out: dict[Resource, Limit] = {}
+    for resource in Resource:
+        level: Level = getattr(limits, resource.value)
+        soft = resolve_level(level.soft, resource, capacity.get(resource))
+        hard = resolve_level(level.hard, resource, capacity.get(resource))
+        if soft is not None or hard is not None:
+            out[resource] = Limit(resource, soft, hard)
+    return out
+
+
+def _by_metric(readings: Iterable[Reading]) -> dict[str, list[Reading]]:
+    grouped: dict[str, list[Reading]] = {}
+    for r in readings:
+        grouped.setdefault(r.metric, []).append(r)
+    return grouped
+
+
+def machine_usage(
+    snapshot: Snapshot, temperature_zone: str | None = None
+) -> tuple[dict[Resource, float], dict[Resource, float], dict[Resource, float]]:
+    """(usage, capacity, pressure) of the machine, from one snapshot.
+
+    memory: MemTotal - MemAvailable; cpu: busy cores (all modes but idle and iowait, summed
+    over CPUs); gpu_memory: summed over GPUs; power: the top-level meters (readings without
+    ``hw.parent``: a Jetson's input rail, RAPL packages, GPUs), batteries excluded;
+    temperature: the hottest sensor, or the zone named in ``[limits.temperature] zone``.
+    """
+    by = _by_metric(snapshot.readings)
+    usage: dict[Resource, float] = {}
+    capacity: dict[Resource, float] = {}
+    pressure: dict[Resource, float] = {}
+    total = next((r.value for r in by.get("system.memory.limit", [])), None)
+    available = next((r.value for r in by.get("system.memory.linux.available", [])), None)
+    if total is not None and available is not None:
+        usage[Resource.MEMORY] = total - available
+        capacity[Resource.MEMORY] = total
+    util = by.get("system.cpu.utilization", [])
+    cpus = {r.attributes.get("cpu.logical_number") for r in by.get("system.cpu.time", [])}
+    if cpus:
+        capacity[Resource.CPU] = float(len(cpus))
+    if util:
+        usage[Resource.CPU] = sum(
+            r.value for r in util if r.attributes.get("cpu.mode") not in _BUSY_EXCLUDED
+        )
+    gpu_used = by.get("hw.gpu.memory.usage", [])
+    if gpu_used:
+        usage[Resource.GPU_MEMORY] = sum(r.value for r in gpu_used)
+        capacity[Resource.GPU_MEMORY] = sum(r.value for r in by.get("hw.gpu.memory.limit", []))
+    top_power = [
+        r.value
+        for r in by.get("hw.power", [])
+        if "hw.parent" not in r.attributes and r.attributes.get("hw.type") != "battery"
+    ]
+    if top_power:
+        usage[Resource.POWER] = sum(top_power)
+    temps = by.get("hw.temperature", [])
+    if temperature_zone is not None:
+        temps = [
+            r
+            for r in temps
+            if temperature_zone in (r.attributes.get("hw.name"), r.attributes.get("hw.id"))
+        ]
+    if temps:
+        usage[Resource.TEMPERATURE] = max(r.value for r in temps)
+    for r in by.get("edged.pressure", []):
+        if r.attributes.get("edged.window") == "10s":
+            try:
+                pressure[Resource(str(r.attributes.get("edged.resource")))] = r.value
+            except ValueError:
+                continue  # io pressure has no Resource of its own
+    return usage, capacity, pressure
+
+
+def process_views(
+    snapshot: Snapshot,
+    start_ticks: Mapping[int, int],
+    groups: Mapping[int, str] | None = None,
+    self_pid: int | None = None,
+) -> tuple[ProcessView, ...]:
+    """One view per sampled process. ``start_ticks`` (pid -> start time) comes from the process
+    sensor; a pid it does not know is left out (it cannot be acted on safely)."""
+    self_pid = os.getpid() if self_pid is None else self_pid
+    memory: dict[int, float] = {}
+    cpu: dict[int, float] = {}
+    attrs: dict[int, Mapping[str, AttrValue]] = {}
+    for r in snapshot.readings:
+        if r.metric == "process.memory.usage":
+            pid = int(r.attributes["process.pid"])
+            memory[pid] = r.value
+            attrs[pid] = r.attributes
+        elif r.metric == "process.cpu.utilization":
+            pid = int(r.attributes["process.pid"])
+            cpu[pid] = cpu.get(pid, 0.0) + r.value
+    views = []
+    for pid, a in attrs.items():
+        if pid not in start_ticks:
+            continue
+        client = a.get("edged.client")
+        views.append(
+            ProcessView(
+                pid=pid,
+                name=str(a.get("process.executable.name", "")),
+                klass=ProcessClass(str(a.get("edged.class", "normal"))),
+                memory_bytes=memory[pid],
+                cpu_cores=cpu.get(pid, 0.0),
+                start_ticks=start_ticks[pid],
+                group=(groups or {}).get(pid),
+                client=str(client) if client else None,
+                protected=pid <= 1 or pid == self_pid,
+            )
+        )
+    return tuple(views)
+
+
+def build_state(
+    snapshot: Snapshot,
+    limits: Limits,
+    interval_s: float,
+    start_ticks: Mapping[int, int],
+    *,
+    imposed: tuple[Imposed, ...] = (),
+    reaction_time_s: float = 0.05,
+    groups: Mapping[int, str] | None = None,
+    self_pid: int | None = None,
+) -> State:
+    usage, capacity, pressure = machine_usage(snapshot, limits.temperature.zone)
+    return State(
+        now_s=snapshot.monotonic_s,
+        interval_s=interval_s,
+        usage=usage,
+        capacity=capacity,
+        limits=resolve_limits(limits, capacity),
+        processes=process_views(snapshot, start_ticks, groups, self_pid),
+        pressure=pressure,
+        imposed=imposed,
+        reaction_time_s=reaction_time_s,
+    )
