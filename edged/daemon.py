@@ -24,7 +24,7 @@ from edged import __version__
 from edged import config as config_mod
 from edged.history import History
 from edged.sampler import Sampler
-from edged.sensors import Roots, discover_all
+from edged.sensors import Roots, Sensor, discover_all
 from edged.sensors.processes import ProcessSensor
 from edged.server import protocol
 from edged.server.server import Peer, Server, bind_unix_socket, default_socket_path
@@ -32,10 +32,16 @@ from edged.snapshot import Snapshot, SourceStatus
 from edged.systemd import Notifier, listen_fds
 
 if TYPE_CHECKING:
+    from edged.control import Controller
+
+if TYPE_CHECKING:
     from edged.telemetry import Telemetry
 
 log = logging.getLogger("edged")
 EXIT_BAD_CONFIG = 6  # DESIGN section 7
+# Above a soft level the tick shortens to this (earlyoom adapts its poll the same way), and
+# returns to the configured interval once every resource is back under its soft level.
+FAST_INTERVAL_S = 0.02
 
 
 def roots_of(config: config_mod.Config) -> Roots:
@@ -72,6 +78,11 @@ class Daemon:
         self.overruns = 0
         self.started_s = time.monotonic()
         self._sampler: Sampler | None = None
+        self._processes: ProcessSensor | None = None
+        self.controller: Controller | None = None
+        self._memory_reader: Sensor | None = None
+        self._restore: Any = None  # () -> int: lifts everything edged imposed
+        self.fast_interval_s = FAST_INTERVAL_S
 
     @staticmethod
     def _history_capacity(config: config_mod.Config) -> int:
@@ -81,14 +92,13 @@ class Daemon:
 
     def _build_sampler(self) -> Sampler:
         sensors, statuses = discover_all(self.roots)
-        sensors.append(
-            ProcessSensor(
-                self.roots,
-                self.config.rules,
-                mode=self.config.sampling.processes,
-                rescan_s=self.config.sampling.rescan_s,
-            )
+        self._processes = ProcessSensor(
+            self.roots,
+            self.config.rules,
+            mode=self.config.sampling.processes,
+            rescan_s=self.config.sampling.rescan_s,
         )
+        sensors.append(self._processes)
         statuses.append(SourceStatus("processes", "ok"))
         self.discovery = statuses
         for status in statuses:
@@ -120,6 +130,74 @@ class Daemon:
             host, port = self.telemetry.prometheus_address
             log.info("prometheus metrics on http://%s:%d/metrics", host, port)
 
+    def _start_controller(self) -> None:
+        """The strategy and the enforcer; first, lift whatever a crashed run left imposed."""
+        from edged.control import Controller, still_needed
+        from edged.enforce.cgroupfs import detect
+        from edged.enforce.enforcer import Enforcer
+        from edged.enforce.restore import StateStore, restore_all, state_directory
+        from edged.enforce.signals import Signaller
+        from edged.policy.registry import make_strategy
+        from edged.sensors.memory import MemorySensor
+
+        cfg = self.config
+        strategy = make_strategy(cfg.strategy.name, getattr(cfg.strategy, cfg.strategy.name))
+        backend = None
+        if cfg.enforce.backend in ("auto", "cgroupfs") and os.geteuid() == 0:
+            backend = detect(self.roots.sys / "fs" / "cgroup", proc=self.roots.proc)
+            if backend is None:
+                log.warning("no writable cgroup hierarchy: enforcing with signals only")
+        elif cfg.enforce.backend == "systemd":
+            log.warning("the systemd backend is not built yet: enforcing with signals only")
+        signals = Signaller(proc=self.roots.proc)
+        store = StateStore(self._state_directory(state_directory))
+        lifted = restore_all(store, backend, signals)
+        if lifted:
+            log.warning("lifted %d changes a previous run left in force", lifted)
+        self._restore = lambda: restore_all(store, backend, signals)
+        self._memory_reader = MemorySensor(self.roots)
+
+        def limits() -> Any:
+            state = self.controller.last_state if self.controller else None
+            return state.limits if state is not None else {}
+
+        enforcer = Enforcer(
+            backend,
+            signals,
+            store,
+            dry_run=cfg.enforce.dry_run or cfg.enforce.backend == "none",
+            recheck=still_needed(self._reread, limits),
+        )
+        self.controller = Controller(strategy, enforcer, cfg.limits)
+        log.info(
+            "strategy %s, enforcing with %s%s",
+            strategy.name,
+            type(backend).__name__ if backend else "signals",
+            " (dry run: acting on nothing)" if enforcer.dry_run else "",
+        )
+
+    def _state_directory(self, default: Any) -> Path:
+        if os.geteuid() == 0 or self._environ.get("STATE_DIRECTORY"):
+            return Path(default())
+        base = self._environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+        return Path(base) / "edged"
+
+    def _reread(self, resource: Any) -> float | None:
+        """A fresh read of a resource right before acting (the enforcer's re-check)."""
+        from edged.policy.base import Resource
+
+        if resource is Resource.MEMORY and self._memory_reader is not None:
+            try:
+                readings = {r.metric: r.value for r in self._memory_reader.read()}
+            except (OSError, ValueError) as exc:
+                log.debug("re-read of memory failed: %s", exc)
+                return None
+            total = readings.get("system.memory.limit")
+            available = readings.get("system.memory.linux.available")
+            if total is not None and available is not None:
+                return float(total - available)
+        return None
+
     async def _start_server(self) -> None:
         fds = listen_fds(unset_environment=True)
         if fds:
@@ -150,6 +228,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self._request_reload)
         self._sampler = self._build_sampler()
         try:
+            self._start_controller()
             self._start_telemetry()
         except config_mod.ConfigError as exc:  # TelemetryError: an OTEL_* value, a busy port
             log.error("bad configuration: %s", exc)
@@ -182,19 +261,38 @@ class Daemon:
                     interval_s = self.config.sampling.interval_s
                     deadline_s = loop.time()
             self._tick()
-            deadline_s += interval_s
+            step_s = self._next_interval_s(interval_s)
+            deadline_s += step_s
             now_s = loop.time()
             if deadline_s <= now_s:  # overran: skip the missed deadlines, keep the phase
-                missed = int((now_s - deadline_s) // interval_s) + 1
+                missed = int((now_s - deadline_s) // step_s) + 1
                 self.overruns += missed
-                deadline_s += missed * interval_s
+                deadline_s += missed * step_s
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), deadline_s - now_s)
+
+    def _next_interval_s(self, interval_s: float) -> float:
+        """The configured interval, or the fast one while any resource is above soft."""
+        state = self.controller.last_state if self.controller is not None else None
+        if state is None:
+            return interval_s
+        for resource, limit in state.limits.items():
+            used = state.usage.get(resource)
+            if used is not None and limit.soft is not None and used >= limit.soft:
+                return min(interval_s, self.fast_interval_s)
+        return interval_s
 
     def _tick(self) -> None:
         assert self._sampler is not None
         started = time.perf_counter()
         snapshot = self._sampler.tick()
+        if self.controller is not None and self._processes is not None:
+            from edged.control import policy_readings
+
+            start_ticks = {pid: w.info.start_ticks for pid, w in self._processes.watched.items()}
+            self.controller.step(snapshot, self.config.sampling.interval_s, start_ticks)
+            extra = tuple(policy_readings(self.controller, self._forecasts()))
+            snapshot = msgspec.structs.replace(snapshot, readings=snapshot.readings + extra)
         self.latest = snapshot
         self.history.append(snapshot)
         self.ticks += 1
@@ -247,6 +345,15 @@ class Daemon:
         self.notifier.ready("configuration reloaded")
 
     def _shutdown_parts(self) -> None:
+        if self._restore is not None:
+            try:
+                lifted = self._restore()
+            except OSError as exc:
+                log.error("restoring what edged imposed failed: %s", exc)
+            else:
+                if lifted:
+                    log.info("lifted %d changes on the way out", lifted)
+            self._restore = None
         if self.telemetry is not None:
             self.telemetry.shutdown()
         if self._sampler is not None:
@@ -263,6 +370,7 @@ class Daemon:
             "status": self._status,
             "snapshot": self._snapshot,
             "history": self._history,
+            "events": self._events,
         }
 
     async def _hello(self, peer: Peer, params: Mapping[str, Any]) -> Any:
@@ -290,7 +398,7 @@ class Daemon:
                 usage["memory_total_bytes"] = total
         return {
             "version": __version__,
-            "health": "ok",
+            "health": self._health(),
             "strategy": self.config.strategy.name,
             "dry_run": self.config.enforce.dry_run,
             "interval_s": self.config.sampling.interval_s,
@@ -304,8 +412,32 @@ class Daemon:
             "alerts": [],
         }
 
+    def _health(self) -> str:
+        if self.controller is None:
+            return "ok"
+        from edged.control import health
+
+        return health(self.controller.last_state, self._forecasts())
+
+    def _forecasts(self) -> Mapping[Any, float]:
+        """Time to limit per resource from strategies that forecast (predictive); {} else."""
+        forecasts = getattr(self.controller, "strategy", None)
+        method = getattr(forecasts, "forecasts", None)
+        result: Mapping[Any, float] = method() if callable(method) else {}
+        return result
+
     async def _snapshot(self, peer: Peer, params: Mapping[str, Any]) -> Any:
         return msgspec.to_builtins(self.latest) if self.latest is not None else None
+
+    async def _events(self, peer: Peer, params: Mapping[str, Any]) -> Any:
+        since = params.get("since", 0)
+        if isinstance(since, bool) or not isinstance(since, int) or since < 0:
+            raise protocol.RpcError(protocol.INVALID_PARAMS, "since must be a sequence number >= 0")
+        if self.controller is None:
+            return {"events": [], "last": 0}
+        events = self.controller.since(since)
+        last = self.controller.events[-1].seq if self.controller.events else 0
+        return {"events": [msgspec.to_builtins(e) for e in events], "last": last}
 
     async def _history(self, peer: Peer, params: Mapping[str, Any]) -> Any:
         window = params.get("window")

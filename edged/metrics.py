@@ -80,6 +80,20 @@ _SPECS = [
     ),
     MetricSpec("edged.pressure", Kind.GAUGE, "1", "PSI 'some' average, as a share of time"),
     MetricSpec("edged.tick.duration", Kind.HISTOGRAM, "s", "Cost of one sampling tick"),
+    MetricSpec("edged.health", Kind.GAUGE, "1", "1 for the current health level, 0 for the others"),
+    MetricSpec(
+        "edged.limit",
+        Kind.GAUGE,
+        "1",
+        "Configured soft/hard level per resource, in the resource's unit (By, {cpu}, W, Cel)",
+    ),
+    MetricSpec(
+        "edged.forecast.time_to_limit",
+        Kind.GAUGE,
+        "s",
+        "Forecast seconds until a resource reaches its hard limit",
+    ),
+    MetricSpec("edged.actions", Kind.COUNTER, "{action}", "Actions taken (or logged in dry run)"),
     MetricSpec("edged.sensor.errors", Kind.COUNTER, "{error}", "Sensor reads that failed"),
 ]
 

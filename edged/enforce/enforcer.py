@@ -254,8 +254,8 @@ class Enforcer:
     def _throttle(self, a: Action) -> str | None:
         if a.target is None or a.target <= 0:
             raise EnforceError(a.pid, "throttle", f"needs a positive target, got {a.target}")
-        if a.resource not in (Resource.MEMORY, Resource.CPU):
-            return f"no {a.resource.value} throttle in the cgroup enforcer"
+        # Over a temperature or power limit the lever is the CPU: strategies give the target in
+        # cores (a GPU power limit through NVML is not built yet).
         backend = self._need_backend(a)
         group, move = self._group_for(backend, a)
         record = self.store.group(group)
@@ -279,11 +279,9 @@ class Enforcer:
         if a.resource is Resource.MEMORY:
             self.backend.set_memory_high(group, None)
             record.memory_high_bytes = None
-        elif a.resource is Resource.CPU:
+        else:  # CPU, and the CPU quota that holds temperature or power
             self.backend.set_cpu_quota(group, None)
             record.cpu_quota_cores = None
-        else:
-            return f"no {a.resource.value} throttle in the cgroup enforcer"
         self.store.save()
         self._release_if_free(group)
         return None

@@ -1,0 +1,237 @@
+"""The decide-and-enforce half of a tick: State -> strategy -> enforcer -> events.
+
+The controller is the one place that knows what edged has imposed (so strategies can lift it)
+and the one place actions become events: a log line, an ``edged.actions`` increment (through
+``on_event``) and an entry in the bounded events ring that ``edged events`` reads.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import msgspec
+
+from edged.config import Limits
+from edged.enforce.enforcer import Enforcer, Outcome, Status
+from edged.policy.base import Action, ActionKind, Imposed, Limit, Resource, State, Strategy
+from edged.policy.inputs import build_state
+from edged.snapshot import Reading, Snapshot
+
+log = logging.getLogger(__name__)
+
+_IMPOSING = {ActionKind.THROTTLE: ActionKind.THROTTLE, ActionKind.FREEZE: ActionKind.FREEZE}
+_LIFTING = {ActionKind.UNTHROTTLE: ActionKind.THROTTLE, ActionKind.THAW: ActionKind.FREEZE}
+_ENDING = (ActionKind.TERMINATE, ActionKind.KILL)
+
+
+class Event(msgspec.Struct, frozen=True):
+    """One action and what became of it, as ``events`` returns it."""
+
+    seq: int
+    time_unix_ns: int
+    action: str
+    pid: int
+    resource: str
+    reason: str
+    strategy: str
+    klass: str
+    status: str  # done | skipped | failed | dry_run
+    detail: str = ""
+    outcome: str = ""  # the skip reason or the error
+    reaction_s: float | None = None
+
+
+@dataclass
+class Controller:
+    """Runs one strategy against one enforcer."""
+
+    strategy: Strategy
+    enforcer: Enforcer
+    limits: Limits
+    on_event: Callable[[Event], None] = lambda event: None
+    events_capacity: int = 1000
+
+    def __post_init__(self) -> None:
+        self.events: deque[Event] = deque(maxlen=self.events_capacity)
+        self._seq = 0
+        self.imposed: dict[tuple[int, ActionKind, Resource], Imposed] = {}
+        self.last_state: State | None = None
+        # cumulative edged.actions per attribute set, exported as an observable counter
+        self.action_counts: dict[tuple[str, str, str, str], int] = {}
+
+    def step(
+        self, snapshot: Snapshot, interval_s: float, start_ticks: Mapping[int, int]
+    ) -> list[Event]:
+        """Decide on this snapshot and act. Imposed entries of processes that are gone are
+        dropped first (the kernel undid them when the process exited)."""
+        for key in [k for k in self.imposed if k[0] not in start_ticks]:
+            del self.imposed[key]
+        state = build_state(
+            snapshot,
+            self.limits,
+            interval_s,
+            start_ticks,
+            imposed=tuple(self.imposed.values()),
+            reaction_time_s=self.enforcer.reaction_time_s,
+        )
+        self.last_state = state
+        actions = self.strategy.decide(state)
+        return [self._apply(action, state) for action in actions]
+
+    def _apply(self, action: Action, state: State) -> Event:
+        outcome = self.enforcer.apply(action, decided_at_s=state.now_s)
+        if outcome.status in (Status.DONE, Status.DRY_RUN):
+            self._track(action, state.now_s)
+        return self._event(action, outcome)
+
+    def _track(self, action: Action, now_s: float) -> None:
+        if action.kind in _IMPOSING:
+            key = (action.pid, action.kind, action.resource)
+            previous = self.imposed.get(key)
+            since = previous.since_s if previous else now_s
+            self.imposed[key] = Imposed(
+                action.kind, action.pid, action.resource, since, action.target
+            )
+        elif action.kind in _LIFTING:
+            self.imposed.pop((action.pid, _LIFTING[action.kind], action.resource), None)
+        elif action.kind is ActionKind.KILL:
+            for key in [k for k in self.imposed if k[0] == action.pid]:
+                del self.imposed[key]
+
+    def _event(self, action: Action, outcome: Outcome) -> Event:
+        self._seq += 1
+        event = Event(
+            seq=self._seq,
+            time_unix_ns=time.time_ns(),
+            action=action.kind.value,
+            pid=action.pid,
+            resource=action.resource.value,
+            reason=action.reason,
+            strategy=action.strategy,
+            klass=action.klass.value,
+            status=outcome.status.value,
+            detail=action.detail,
+            outcome=outcome.reason,
+            reaction_s=outcome.reaction_s,
+        )
+        self.events.append(event)
+        if outcome.status in (Status.DONE, Status.DRY_RUN):
+            key = (event.action, event.reason, event.strategy, event.klass)
+            self.action_counts[key] = self.action_counts.get(key, 0) + 1
+        level = logging.WARNING if outcome.status is Status.FAILED else logging.INFO
+        log.log(
+            level,
+            "%s %s pid=%d (%s, %s, class %s): %s%s%s",
+            event.status,
+            event.action,
+            event.pid,
+            event.resource,
+            event.reason,
+            event.klass,
+            event.detail or "-",
+            f"; {event.outcome}" if event.outcome else "",
+            f"; {event.reaction_s * 1000:.1f} ms" if event.reaction_s is not None else "",
+        )
+        self.on_event(event)
+        return event
+
+    def since(self, seq: int) -> list[Event]:
+        """Events after ``seq`` still in the ring (oldest first)."""
+        return [e for e in self.events if e.seq > seq]
+
+
+def still_needed(
+    reread: Callable[[Resource], float | None], limits: Callable[[], Mapping[Resource, Limit]]
+) -> Callable[[Action], bool]:
+    """The enforcer's re-check: an action that imposes is dropped when a fresh read of its
+    resource is back under the soft level (under hard for terminate/kill), as earlyoom does
+    ("the situation recovered while selecting a victim"). Undoing is always allowed."""
+
+    def check(action: Action) -> bool:
+        if action.kind not in (
+            ActionKind.THROTTLE,
+            ActionKind.FREEZE,
+            ActionKind.TERMINATE,
+            ActionKind.KILL,
+        ):
+            return True
+        limit = limits().get(action.resource)
+        if limit is None:
+            return True
+        level = limit.soft if limit.soft is not None else limit.hard
+        if action.kind in _ENDING and limit.hard is not None and action.reason == "hard":
+            level = limit.hard
+        if level is None:
+            return True
+        now = reread(action.resource)
+        return now is None or now >= level
+
+    return check
+
+
+HEALTH_LEVELS = ("ok", "moderate", "warning", "critical")
+
+
+def health(state: State | None, forecasts: Mapping[Resource, float] | None = None) -> str:
+    """ok; moderate above soft on some resource; warning when a forecast reaches a hard limit
+    within a minute; critical at or above hard."""
+    if state is None:
+        return "ok"
+    level = 0
+    for resource, limit in state.limits.items():
+        used = state.usage.get(resource)
+        if used is None:
+            continue
+        if limit.hard is not None and used >= limit.hard:
+            return "critical"
+        if limit.soft is not None and used >= limit.soft:
+            level = max(level, 1)
+    for seconds in (forecasts or {}).values():
+        if seconds < 60.0:
+            level = max(level, 2)
+    return HEALTH_LEVELS[level]
+
+
+def policy_readings(controller: Controller, forecasts: Mapping[Resource, float]) -> list[Reading]:
+    """What the policy adds to a tick's snapshot: health, limits, forecasts, action counts."""
+    state = controller.last_state
+    out: list[Reading] = []
+    current = health(state, forecasts)
+    out.extend(
+        Reading("edged.health", 1.0 if level == current else 0.0, {"edged.level": level})
+        for level in HEALTH_LEVELS
+    )
+    if state is not None:
+        for resource, limit in state.limits.items():
+            for kind, value in (("soft", limit.soft), ("hard", limit.hard)):
+                if value is not None:
+                    out.append(
+                        Reading(
+                            "edged.limit",
+                            value,
+                            {"edged.resource": resource.value, "edged.level": kind},
+                        )
+                    )
+    for resource, seconds in forecasts.items():
+        if seconds != float("inf"):
+            out.append(
+                Reading("edged.forecast.time_to_limit", seconds, {"edged.resource": resource.value})
+            )
+    for (action, reason, strategy, klass), count in controller.action_counts.items():
+        out.append(
+            Reading(
+                "edged.actions",
+                float(count),
+                {
+                    "edged.action": action,
+                    "edged.reason": reason,
+                    "edged.strategy": strategy,
+                    "edged.class": klass,
+                },
+            )
+        )
+    return out
