@@ -1,0 +1,168 @@
+"""`edged run` enforcing on real processes with real cgroup v1 groups.
+
+A hog that ignores SIGTERM grows past the soft and hard memory levels beside a `critical`
+service: edged must end the hog, never touch the service, and leave no group behind. In dry
+run it must decide the same things and do none of them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.daemon_util import RunningDaemon, start_daemon
+
+pytestmark = [pytest.mark.root, pytest.mark.cgroup_v1, pytest.mark.slow]
+
+MiB = 2**20
+HOG = """
+import signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the kind of process that needs SIGKILL
+step, limit = int(sys.argv[1]) * 2**20, int(sys.argv[2]) * 2**20
+blocks = []
+print("ready", flush=True)
+while True:
+    if sum(len(b) for b in blocks) < limit:
+        b = bytearray(step)
+        for i in range(0, step, 4096):
+            b[i] = 1
+        blocks.append(b)
+    time.sleep(0.1)
+"""
+SERVICE = """
+import sys, time
+block = bytearray(int(sys.argv[1]) * 2**20)
+for i in range(0, len(block), 4096):
+    block[i] = 1
+print("ready", flush=True)
+while True:
+    time.sleep(0.1)
+"""
+
+
+def used_bytes() -> int:
+    info = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        key, value = line.split(":", 1)
+        info[key] = int(value.split()[0]) * 1024
+    return info["MemTotal"] - info["MemAvailable"]
+
+
+@pytest.fixture
+def children() -> Iterator[list[subprocess.Popen[str]]]:
+    procs: list[subprocess.Popen[str]] = []
+    yield procs
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait(timeout=10)
+        if p.stdout is not None:
+            p.stdout.close()
+
+
+def spawn(procs: list[subprocess.Popen[str]], code: str, *args: str) -> subprocess.Popen[str]:
+    p = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True)
+    procs.append(p)
+    assert p.stdout is not None
+    assert p.stdout.readline().strip() == "ready"
+    return p
+
+
+def config(tmp_path: Path, tag: str, soft: int, hard: int) -> Path:
+    path = tmp_path / "edged.toml"
+    path.write_text(
+        f'[sampling]\ninterval = "100ms"\nrescan = "200ms"\n'
+        f"[limits.memory]\nsoft = {soft}\nhard = {hard}\n"
+        f'[strategy]\nname = "dynamic"\n[strategy.dynamic]\ngrace_s = 1.0\n'
+        f'[[rules]]\ncmdline = "{tag}-hog"\nclass = "besteffort"\n'
+        f'[[rules]]\ncmdline = "{tag}-service"\nclass = "critical"\n'
+    )
+    return path
+
+
+def events(daemon: RunningDaemon) -> list[dict[str, Any]]:
+    result: list[dict[str, Any]] = daemon.call("events", {"since": 0})["events"]
+    return result
+
+
+def edged_groups() -> list[Path]:
+    return [
+        p
+        for c in ("memory", "cpu", "freezer")
+        for p in [Path(f"/sys/fs/cgroup/{c}/edged")]
+        if p.exists()
+    ]
+
+
+def run_scenario(
+    tmp_path: Path, children: list[subprocess.Popen[str]], dry_run: bool
+) -> tuple[RunningDaemon, subprocess.Popen[str], subprocess.Popen[str]]:
+    tag = f"edged-e2e-{uuid.uuid4().hex[:8]}"
+    service = spawn(children, SERVICE, "100", f"{tag}-service")
+    base = used_bytes()
+    soft, hard = base + 300 * MiB, base + 500 * MiB
+    args = ["--config", str(config(tmp_path, tag, soft, hard))]
+    if dry_run:
+        args.append("--dry-run")
+    daemon = start_daemon(tmp_path, *args, env={"STATE_DIRECTORY": str(tmp_path / "state")})
+    hog = spawn(children, HOG, "40", "2000", f"{tag}-hog")  # 400 MiB/s up to 2 GiB
+    return daemon, hog, service
+
+
+def test_a_sigterm_ignoring_hog_is_ended_and_the_critical_service_survives(
+    tmp_path: Path, children: list[subprocess.Popen[str]]
+) -> None:
+    daemon, hog, service = run_scenario(tmp_path, children, dry_run=False)
+    try:
+        deadline = time.monotonic() + 30
+        while hog.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert hog.poll() is not None, daemon.log()
+        seen = events(daemon)
+        on_hog = [e for e in seen if e["pid"] == hog.pid and e["status"] == "done"]
+        assert on_hog, seen
+        assert all(e["pid"] != service.pid for e in seen)  # critical: never acted on
+        assert service.poll() is None
+        assert all(e["klass"] == "besteffort" for e in on_hog)
+        assert daemon.call("status")["ticks"] > 0
+    finally:
+        assert daemon.stop() == 0
+    assert edged_groups() == [], "edged left its groups behind"
+    assert (
+        "lifted" in daemon.log()
+        or not (tmp_path / "state" / "imposed.json").exists()
+        or (tmp_path / "state" / "imposed.json").read_text().count("pid") == 0
+    )
+
+
+def test_dry_run_decides_and_touches_nothing(
+    tmp_path: Path, children: list[subprocess.Popen[str]]
+) -> None:
+    daemon, hog, service = run_scenario(tmp_path, children, dry_run=True)
+    try:
+        deadline = time.monotonic() + 15
+        decided: list[dict[str, Any]] = []
+        while time.monotonic() < deadline and not any(
+            e["action"] in ("terminate", "kill") for e in decided
+        ):
+            decided = events(daemon)
+            time.sleep(0.2)
+        assert decided, daemon.log()
+        assert {e["status"] for e in decided} == {"dry_run"}
+        assert hog.poll() is None  # nothing was done to it
+        assert service.poll() is None
+        assert edged_groups() == []
+        with open(f"/proc/{hog.pid}/cgroup") as f:
+            assert "edged" not in f.read()
+    finally:
+        assert daemon.stop() == 0
+        os.kill(hog.pid, signal.SIGKILL)
