@@ -167,3 +167,75 @@ def test_dry_run_decides_and_touches_nothing(
     finally:
         assert daemon.stop() == 0
         os.kill(hog.pid, signal.SIGKILL)
+
+
+def freezer_state(pid: int) -> str:
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "freezer" in controllers.split(","):
+            state = Path(f"/sys/fs/cgroup/freezer{path}/freezer.state")
+            return state.read_text().strip() if state.exists() else "THAWED"  # the root group
+    return "THAWED"
+
+
+def cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+SPINNER_ABOVE_SOFT = """
+import sys, time
+block = bytearray(int(sys.argv[1]) * 2**20)
+for i in range(0, len(block), 4096):
+    block[i] = 1
+print("ready", flush=True)
+while True:
+    pass  # burns CPU, so "it runs" is visible in its CPU time
+"""
+
+
+def test_sigkill_of_the_daemon_while_a_process_is_frozen_then_restart_thaws_it(
+    tmp_path: Path, children: list[subprocess.Popen[str]]
+) -> None:
+    tag = f"edged-e2e-{uuid.uuid4().hex[:8]}"
+    # The spinner runs first and the soft level sits 300 MiB under the usage measured with it:
+    # memory freed late by an earlier test cannot then leave the machine under soft.
+    hog = spawn(children, SPINNER_ABOVE_SOFT, "600", f"{tag}-hog")
+    used = used_bytes()
+    cfg = tmp_path / "edged.toml"
+    cfg.write_text(  # above soft, never near hard: the ladder throttles, then freezes
+        f'[sampling]\ninterval = "100ms"\nrescan = "200ms"\n'
+        f"[limits.memory]\nsoft = {used - 300 * MiB}\nhard = {used + 4096 * MiB}\n"
+        f'[strategy]\nname = "dynamic"\n[strategy.dynamic]\nfreeze_after_s = 0.5\n'
+        f"hold_s = 0.2\nfreeze_max_s = 60\n"
+        f'[[rules]]\ncmdline = "{tag}-hog"\nclass = "besteffort"\n'
+    )
+    env = {"STATE_DIRECTORY": str(tmp_path / "state")}
+    daemon = start_daemon(tmp_path, "--config", str(cfg), env=env)
+    try:
+        deadline = time.monotonic() + 20
+        while freezer_state(hog.pid) != "FROZEN" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert freezer_state(hog.pid) == "FROZEN", daemon.log()
+        daemon.proc.kill()  # a crash: no restore on the way out
+        daemon.proc.wait(timeout=10)
+        ticks = cpu_ticks(hog.pid)
+        time.sleep(0.5)
+        assert cpu_ticks(hog.pid) == ticks  # still frozen, with nobody left to thaw it
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.stop()
+    # the next start lifts what the crashed run left (no limits now: it decides nothing new)
+    cfg.write_text('[sampling]\ninterval = "100ms"\n')
+    again = start_daemon(tmp_path, "--config", str(cfg), env=env)
+    try:
+        assert freezer_state(hog.pid) == "THAWED"
+        ticks = cpu_ticks(hog.pid)
+        time.sleep(0.5)
+        assert cpu_ticks(hog.pid) > ticks  # it runs again
+        with open(f"/proc/{hog.pid}/cgroup") as f:
+            assert "/edged/" not in f.read()  # and is back where it was
+        assert "previous run left in force" in again.log()
+    finally:
+        assert again.stop() == 0
+    assert edged_groups() == []
