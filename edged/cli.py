@@ -54,6 +54,11 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="ask the running daemon how it is")
     status.add_argument("--socket", help="daemon socket (default per DESIGN)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    events = sub.add_parser("events", help="actions the daemon took (or decided, in dry run)")
+    events.add_argument("--socket", help="daemon socket (default per DESIGN)")
+    events.add_argument("--since", type=int, default=0, help="only events after this sequence")
+    events.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
+    events.add_argument("--json", action="store_true", help="one JSON object per line")
     return parser
 
 
@@ -231,6 +236,32 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_events(args: argparse.Namespace) -> int:
+    since = args.since
+    while True:
+        try:
+            result = call("events", {"since": since}, socket_path=args.socket)
+        except DaemonUnavailable as exc:
+            print(f"edged: {exc}", file=sys.stderr)
+            return exc.code
+        for e in result["events"]:
+            if args.json:
+                print(json.dumps(e), flush=True)
+            else:
+                stamp = time.strftime("%H:%M:%S", time.localtime(e["time_unix_ns"] / 1e9))
+                outcome = f"; {e['outcome']}" if e["outcome"] else ""
+                print(
+                    f"{stamp} #{e['seq']} {e['status']:<8} {e['action']:<10} pid {e['pid']:<7} "
+                    f"{e['resource']}/{e['reason']} [{e['klass']}, {e['strategy']}] "
+                    f"{e['detail']}{outcome}",
+                    flush=True,
+                )
+            since = max(since, e["seq"])
+        if not args.follow:
+            return EXIT_OK
+        time.sleep(0.5)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     try:
@@ -242,6 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "sensors": cmd_sensors,
         "check-config": cmd_check_config,
         "status": cmd_status,
+        "events": cmd_events,
     }
     try:
         return handlers[args.command](args)

@@ -83,6 +83,7 @@ class Daemon:
         self._memory_reader: Sensor | None = None
         self._restore: Any = None  # () -> int: lifts everything edged imposed
         self.fast_interval_s = FAST_INTERVAL_S
+        self._lock_fd = -1
 
     @staticmethod
     def _history_capacity(config: config_mod.Config) -> int:
@@ -150,11 +151,14 @@ class Daemon:
         elif cfg.enforce.backend == "systemd":
             log.warning("the systemd backend is not built yet: enforcing with signals only")
         signals = Signaller(proc=self.roots.proc)
-        store = StateStore(self._state_directory(state_directory))
-        lifted = restore_all(store, backend, signals)
-        if lifted:
-            log.warning("lifted %d changes a previous run left in force", lifted)
-        self._restore = lambda: restore_all(store, backend, signals)
+        directory = self._state_directory(state_directory)
+        exclusive = self._lock_state(directory)
+        store = StateStore(directory)
+        if exclusive:
+            lifted = restore_all(store, backend, signals)
+            if lifted:
+                log.warning("lifted %d changes a previous run left in force", lifted)
+            self._restore = lambda: restore_all(store, backend, signals)
         self._memory_reader = MemorySensor(self.roots)
 
         def limits() -> Any:
@@ -165,7 +169,7 @@ class Daemon:
             backend,
             signals,
             store,
-            dry_run=cfg.enforce.dry_run or cfg.enforce.backend == "none",
+            dry_run=cfg.enforce.dry_run or cfg.enforce.backend == "none" or not exclusive,
             recheck=still_needed(self._reread, limits),
         )
         self.controller = Controller(strategy, enforcer, cfg.limits)
@@ -175,6 +179,29 @@ class Daemon:
             type(backend).__name__ if backend else "signals",
             " (dry run: acting on nothing)" if enforcer.dry_run else "",
         )
+
+    def _lock_state(self, directory: Path) -> bool:
+        """Hold an exclusive lock on the state directory for the daemon's lifetime.
+
+        Two enforcing daemons on one machine would undo each other's work (each restores what
+        its state file lists at start and exit); the second one to start only observes.
+        """
+        import fcntl
+
+        try:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._lock_fd = os.open(directory / "edged.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.error(
+                "another edged is enforcing with state in %s: this one only observes (dry run)",
+                directory,
+            )
+            return False
+        except OSError as exc:
+            log.error("cannot lock %s (%s): this edged only observes (dry run)", directory, exc)
+            return False
+        return True
 
     def _state_directory(self, default: Any) -> Path:
         if os.geteuid() == 0 or self._environ.get("STATE_DIRECTORY"):

@@ -194,9 +194,38 @@ def test_a_busy_prometheus_port_is_a_bad_config_exit_6(tmp_path: Path) -> None:
         taken.listen(1)
         port = taken.getsockname()[1]
         result = subprocess.run(
-            [sys.executable, "-m", "edged", "run", "--socket", str(tmp_path / "s.sock"),
-             "--prometheus", f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=30,
-            check=False)
+            [
+                sys.executable,
+                "-m",
+                "edged",
+                "run",
+                "--socket",
+                str(tmp_path / "s.sock"),
+                "--prometheus",
+                f"127.0.0.1:{port}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
     assert result.returncode == 6, result.stderr
     assert "bad configuration" in result.stderr
     assert not (tmp_path / "s.sock").exists()
+
+
+def test_a_second_daemon_on_the_same_state_only_observes(tmp_path: Path) -> None:
+    """Two enforcing daemons would undo each other's work at every start and exit."""
+    env = {"STATE_DIRECTORY": str(tmp_path / "state")}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = start_daemon(tmp_path / "a", env=env)
+    try:
+        second = start_daemon(tmp_path / "b", env=env)
+        try:
+            assert "only observes" in second.log()
+            assert "only observes" not in first.log()
+        finally:
+            assert second.stop() == 0
+    finally:
+        assert first.stop() == 0

@@ -164,6 +164,24 @@ def test_dry_run_decides_and_touches_nothing(
         assert edged_groups() == []
         with open(f"/proc/{hog.pid}/cgroup") as f:
             assert "edged" not in f.read()
+        cli = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "edged",
+                "events",
+                "--json",
+                "--socket",
+                str(daemon.socket_path),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        printed = [json.loads(line) for line in cli.stdout.splitlines()]
+        assert [e["seq"] for e in printed][: len(decided)] == [e["seq"] for e in decided]
+        assert all(e["pid"] == hog.pid for e in printed)
     finally:
         assert daemon.stop() == 0
         os.kill(hog.pid, signal.SIGKILL)
