@@ -84,6 +84,7 @@ class Daemon:
         self._restore: Any = None  # () -> int: lifts everything edged imposed
         self.fast_interval_s = FAST_INTERVAL_S
         self._lock_fd = -1
+        self._waiter: asyncio.Future[None] | None = None
 
     @staticmethod
     def _history_capacity(config: config_mod.Config) -> int:
@@ -251,7 +252,7 @@ class Daemon:
         """Run until SIGTERM/SIGINT. Returns the process exit code."""
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self._stop.set)
+            loop.add_signal_handler(signum, self._request_stop)
         loop.add_signal_handler(signal.SIGHUP, self._request_reload)
         self._sampler = self._build_sampler()
         try:
@@ -295,8 +296,24 @@ class Daemon:
                 missed = int((now_s - deadline_s) // step_s) + 1
                 self.overruns += missed
                 deadline_s += missed * step_s
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), deadline_s - now_s)
+            await self._sleep_until(loop, deadline_s)
+
+    async def _sleep_until(self, loop: asyncio.AbstractEventLoop, deadline_s: float) -> None:
+        """Wait for the deadline or a stop request, with one timer and one future: cheaper
+        per tick than ``wait_for`` (a task per call), which matters at 0.1 s and 20 ms."""
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiter = waiter
+        handle = loop.call_at(deadline_s, _wake, waiter)
+        try:
+            await waiter
+        finally:
+            handle.cancel()
+            self._waiter = None
+
+    def _request_stop(self) -> None:
+        self._stop.set()
+        if self._waiter is not None:
+            _wake(self._waiter)
 
     def _next_interval_s(self, interval_s: float) -> float:
         """The configured interval, or the fast one while any resource is above soft."""
@@ -480,3 +497,8 @@ class Daemon:
                 protocol.INVALID_PARAMS, "resources must be a list of metric names"
             )
         return self.history.query(window, resources)
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)

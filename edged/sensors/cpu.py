@@ -55,7 +55,10 @@ class CpuTimeSensor(Sensor):
     name = "cpu"
 
     def __init__(self, roots: Roots, clock: Callable[[], float] = time.monotonic) -> None:
-        self._file = KeptFile(roots.proc / "stat", size_bytes=1 << 20)
+        # The cpuN lines come first and 64 KiB holds about a thousand of them; the rest of the
+        # file (a long intr line on big machines) is not needed. A 1 MiB buffer cost an
+        # mmap/munmap and a page fault every tick (bench/overhead.py, py-spy).
+        self._file = KeptFile(roots.proc / "stat", size_bytes=64 * 1024)
         self._previous: dict[int, list[int]] = {}
         self._attrs: dict[tuple[int, str], dict[str, str | int]] = {}
 
