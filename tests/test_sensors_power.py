@@ -11,7 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,9 +20,9 @@ from hypothesis import strategies as st
 
 from edged.metrics import METRICS
 from edged.sensors import discover_all
-from edged.sensors.base import Absent, Roots, Sensor, SensorError
+from edged.sensors.base import Roots, SensorError
 from edged.sensors.power import WrappingCounter, discover, discover_rapl
-from edged.snapshot import Reading
+from tests.sensor_util import absents_of, sensors_of, values, write
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data" / "thermal_power"
@@ -50,30 +50,6 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now_s
-
-
-def write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-
-
-def sensors_of(found: Sequence[Sensor | Absent]) -> dict[str, Sensor]:
-    return {item.name: item for item in found if isinstance(item, Sensor)}
-
-
-def absents_of(found: Sequence[Sensor | Absent]) -> dict[str, str]:
-    return {item.name: item.detail for item in found if isinstance(item, Absent)}
-
-
-def values(readings: Sequence[Reading], metric: str, key: str = "hw.id") -> dict[str, float]:
-    """{attribute value: reading value} of one metric; fails on a repeated attribute value."""
-    out: dict[str, float] = {}
-    for reading in readings:
-        if reading.metric == metric:
-            name = str(reading.attributes[key])
-            assert name not in out, f"{metric} {key}={name} reported twice"
-            out[name] = reading.value
-    return out
 
 
 def make_rapl_zone(

@@ -21,6 +21,7 @@ from edged.sensors import discover_all
 from edged.sensors.base import Absent, Roots, Sensor, SensorError
 from edged.sensors.thermal import HwmonChip, ThermalZoneSensor, discover, hwmon_chips
 from edged.snapshot import Reading
+from tests.sensor_util import absents_of, sensors_of, values, write
 
 DATA = Path(__file__).resolve().parent / "data" / "thermal_power"
 JETSON_TREES = ["orin-nano-jp6", "agx-thor-jp7"]
@@ -38,30 +39,6 @@ def tree(tmp_path: Path) -> Tree:
         return dst
 
     return copy
-
-
-def write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-
-
-def sensors_of(found: Sequence[Sensor | Absent]) -> dict[str, Sensor]:
-    return {item.name: item for item in found if isinstance(item, Sensor)}
-
-
-def absents_of(found: Sequence[Sensor | Absent]) -> dict[str, str]:
-    return {item.name: item.detail for item in found if isinstance(item, Absent)}
-
-
-def values(readings: Sequence[Reading], metric: str, key: str = "hw.id") -> dict[str, float]:
-    """{attribute value: reading value} of one metric; fails on a repeated attribute value."""
-    out: dict[str, float] = {}
-    for reading in readings:
-        if reading.metric == metric:
-            name = str(reading.attributes[key])
-            assert name not in out, f"{metric} {key}={name} reported twice"
-            out[name] = reading.value
-    return out
 
 
 def limits(readings: Sequence[Reading], hw_id: str) -> dict[str, float]:

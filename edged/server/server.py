@@ -158,25 +158,15 @@ class Server:
             try:
                 line = await reader.readuntil(b"\n")
             except asyncio.LimitOverrunError:
-                writer.write(
-                    protocol.encode_error(
-                        None,
-                        protocol.INVALID_REQUEST,
-                        f"line longer than {self.max_line_bytes} bytes; closing",
-                    )
-                )
-                await writer.drain()
-                return
+                line = b""  # over the limit: the stream holds no whole line we may read
+                oversized = True
             except asyncio.IncompleteReadError:
                 return  # EOF (a partial last line without newline is dropped)
-            if len(line) > self.max_line_bytes + 1:
-                writer.write(
-                    protocol.encode_error(
-                        None,
-                        protocol.INVALID_REQUEST,
-                        f"line longer than {self.max_line_bytes} bytes; closing",
-                    )
-                )
+            else:
+                oversized = len(line) > self.max_line_bytes + 1
+            if oversized:
+                message = f"line longer than {self.max_line_bytes} bytes; closing"
+                writer.write(protocol.encode_error(None, protocol.INVALID_REQUEST, message))
                 await writer.drain()
                 return
             if not line.strip():
