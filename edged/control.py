@@ -196,42 +196,46 @@ def health(state: State | None, forecasts: Mapping[Resource, float] | None = Non
     return HEALTH_LEVELS[level]
 
 
+_ATTRS: dict[tuple[str, ...], dict[str, str]] = {}
+
+
+def _attrs(*pairs: str) -> dict[str, str]:
+    """One shared attribute dict per distinct set: these readings repeat every tick, and the
+    history and telemetry key their series by the dicts (a fresh dict a tick is garbage)."""
+    found = _ATTRS.get(pairs)
+    if found is None:
+        found = _ATTRS[pairs] = dict(zip(pairs[::2], pairs[1::2], strict=True))
+    return found
+
+
 def policy_readings(controller: Controller, forecasts: Mapping[Resource, float]) -> list[Reading]:
     """What the policy adds to a tick's snapshot: health, limits, forecasts, action counts."""
     state = controller.last_state
     out: list[Reading] = []
     current = health(state, forecasts)
-    out.extend(
-        Reading("edged.health", 1.0 if level == current else 0.0, {"edged.level": level})
-        for level in HEALTH_LEVELS
-    )
+    for level in HEALTH_LEVELS:
+        value = 1.0 if level == current else 0.0
+        out.append(Reading("edged.health", value, _attrs("edged.level", level)))
     if state is not None:
         for resource, limit in state.limits.items():
-            for kind, value in (("soft", limit.soft), ("hard", limit.hard)):
-                if value is not None:
-                    out.append(
-                        Reading(
-                            "edged.limit",
-                            value,
-                            {"edged.resource": resource.value, "edged.level": kind},
-                        )
-                    )
+            for kind, bound in (("soft", limit.soft), ("hard", limit.hard)):
+                if bound is not None:
+                    attrs = _attrs("edged.resource", resource.value, "edged.level", kind)
+                    out.append(Reading("edged.limit", bound, attrs))
     for resource, seconds in forecasts.items():
         if seconds != float("inf"):
-            out.append(
-                Reading("edged.forecast.time_to_limit", seconds, {"edged.resource": resource.value})
-            )
+            attrs = _attrs("edged.resource", resource.value)
+            out.append(Reading("edged.forecast.time_to_limit", seconds, attrs))
     for (action, reason, strategy, klass), count in controller.action_counts.items():
-        out.append(
-            Reading(
-                "edged.actions",
-                float(count),
-                {
-                    "edged.action": action,
-                    "edged.reason": reason,
-                    "edged.strategy": strategy,
-                    "edged.class": klass,
-                },
-            )
+        attrs = _attrs(
+            "edged.action",
+            action,
+            "edged.reason",
+            reason,
+            "edged.strategy",
+            strategy,
+            "edged.class",
+            klass,
         )
+        out.append(Reading("edged.actions", float(count), attrs))
     return out

@@ -55,7 +55,7 @@ class History:
                 cached = hit[2]
             else:
                 cached = series_key(reading.metric, reading.attributes)
-                if len(self._key_cache) >= 8192:
+                if len(self._key_cache) >= 1024:  # bounds what a sensor's fresh dicts can pin
                     self._key_cache.clear()
                 self._key_cache[id(reading.attributes)] = (
                     reading.attributes,
