@@ -42,6 +42,10 @@ EXIT_BAD_CONFIG = 6  # DESIGN section 7
 # Above a soft level the tick shortens to this (earlyoom adapts its poll the same way), and
 # returns to the configured interval once every resource is back under its soft level.
 FAST_INTERVAL_S = 0.02
+# Below soft, the tick also shortens as memory nears its level: the next tick comes before a
+# process faulting memory at this rate could cross it (earlyoom's poll assumes 6000 MiB/s). So
+# a machine 1 GiB from its soft level is looked at every ~170 ms, one 6 GiB away every second.
+MEMORY_FILL_RATE_BYTES_S = 6000 * (1 << 20)
 
 
 def roots_of(config: config_mod.Config) -> Roots:
@@ -316,15 +320,25 @@ class Daemon:
             _wake(self._waiter)
 
     def _next_interval_s(self, interval_s: float) -> float:
-        """The configured interval, or the fast one while any resource is above soft."""
+        """The configured interval; the fast one while any resource is above soft; and for
+        memory, short enough that a fast fill cannot cross its level between two ticks."""
+        from edged.policy.base import Resource
+
         state = self.controller.last_state if self.controller is not None else None
         if state is None:
             return interval_s
+        fast_s = min(interval_s, self.fast_interval_s)
+        step_s = interval_s
         for resource, limit in state.limits.items():
             used = state.usage.get(resource)
-            if used is not None and limit.soft is not None and used >= limit.soft:
-                return min(interval_s, self.fast_interval_s)
-        return interval_s
+            level = limit.soft if limit.soft is not None else limit.hard
+            if used is None or level is None:
+                continue
+            if used >= level:
+                return fast_s
+            if resource is Resource.MEMORY:
+                step_s = min(step_s, max(fast_s, (level - used) / MEMORY_FILL_RATE_BYTES_S))
+        return step_s
 
     def _tick(self) -> None:
         assert self._sampler is not None

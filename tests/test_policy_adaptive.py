@@ -228,3 +228,23 @@ def test_settings() -> None:
     assert AdaptiveStrategy({"grow_bytes_per_s": "16MiB"}).settings["grow_bytes_per_s"] == (
         16 * MIB
     )
+
+
+def test_an_unmanaged_leak_at_hard_meets_the_safety_net() -> None:
+    """AIMD only steers managed groups; a process outside any group that takes the machine to
+    its hard level is terminated as dynamic would, and killed when it ignores that and grows."""
+    strategy = AdaptiveStrategy({})
+    limits = {Resource.MEMORY: Limit(Resource.MEMORY, 3.0 * GIB, 3.5 * GIB)}
+    service = proc(100, 2 * GIB, name="service")
+    log: list[tuple[float, Action]] = []
+    for i in range(40):
+        now_s = i * 0.1
+        leak = proc(200, 64 * MIB + i * 40 * MIB, name="leak")  # 400 MiB/s
+        used = 1.0 * GIB + service.memory_bytes + leak.memory_bytes
+        state = make_state(now_s, {Resource.MEMORY: used}, [service, leak], limits)
+        log.extend((now_s, a) for a in strategy.decide(state))
+    assert [a.kind for _, a in log][:2] == [K.TERMINATE, K.KILL]
+    assert all(a.pid == 200 and a.strategy == "adaptive" for _, a in log)
+    # nothing below hard: the soft level is AIMD's, not the ladder's
+    first_s = log[0][0]
+    assert 1.0 * GIB + 2 * GIB + 64 * MIB + first_s / 0.1 * 40 * MIB >= 3.5 * GIB

@@ -72,10 +72,15 @@ def test_calm_trace_no_action() -> None:
 
 
 def test_hard_terminates_top_victim_then_kills_after_grace() -> None:
-    """The leak is picked over the big steady service, once; SIGKILL follows at +grace."""
+    """The leak is picked over the big steady service, once; it stops growing past hard but
+    ignores SIGTERM, so SIGKILL follows at +grace."""
     service = SimProcess(proc(100, 2 * GIB, name="service"), steady(2 * GIB))
+    leaking = ramp(1.0, 64 * MIB, 400 * MIB)
     leak = SimProcess(
-        proc(200, 64 * MIB, name="leak"), ramp(1.0, 64 * MIB, 400 * MIB), ignores_sigterm=True
+        proc(200, 64 * MIB, name="leak"),
+        # plateaus 20 MiB past hard (3.8 GiB in all): under term_growth_bytes after SIGTERM
+        lambda t: min(leaking(t), 1.3 * GIB + 20 * MIB),
+        ignores_sigterm=True,
     )
     replay = Replay(DynamicStrategy({"hold_s": 30}), [service, leak], baseline_bytes=0.5 * GIB)
     log = replay.run(12.0)
@@ -87,6 +92,26 @@ def test_hard_terminates_top_victim_then_kills_after_grace() -> None:
     assert t_kill - t_term == pytest.approx(DYNAMIC_DEFAULTS["grace_s"])
     assert "still running" in kill.detail
     assert all(a.pid != 100 for _, a in log)  # the steady service is never touched
+    assert not leak.alive
+    assert service.alive
+
+
+def test_a_victim_still_growing_after_sigterm_is_killed_without_waiting_the_grace() -> None:
+    """A process shutting down does not keep allocating: one that grows by
+    ``term_growth_bytes`` after its SIGTERM ignored it, and the margin left before the kernel
+    OOM killer is worth more than the rest of the grace period."""
+    service = SimProcess(proc(100, 2 * GIB, name="service"), steady(2 * GIB))
+    leak = SimProcess(
+        proc(200, 64 * MIB, name="leak"), ramp(1.0, 64 * MIB, 400 * MIB), ignores_sigterm=True
+    )
+    replay = Replay(DynamicStrategy({"hold_s": 30}), [service, leak], baseline_bytes=0.5 * GIB)
+    log = replay.run(12.0)
+    assert kinds(log)[:2] == [K.TERMINATE, K.KILL]
+    (t_term, term), (t_kill, kill) = log[0], log[1]
+    assert term.pid == kill.pid == 200
+    # 400 MiB/s at 0.1 s ticks: 32 MiB of growth is seen on the first tick after SIGTERM
+    assert t_kill - t_term == pytest.approx(0.1)
+    assert "after SIGTERM: it is ignoring it" in kill.detail
     assert not leak.alive
     assert service.alive
 

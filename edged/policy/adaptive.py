@@ -29,6 +29,12 @@ CPU: a PI loop holding the hottest temperature under its soft level
     ``deadband_cores``; once the output has sat at full capacity for ``release_hold_s``, every
     quota is lifted (UNTHROTTLE).
 
+The safety net: at or above the memory *hard* level, adaptive does what dynamic does (SIGTERM the
+    top victim, SIGKILL it after the grace period or as soon as it keeps growing), through an
+    embedded :class:`~edged.policy.dynamic.DynamicStrategy` that sees only the hard level. AIMD
+    works on managed groups and reacts to pressure over tens of seconds; a process outside any
+    group that runs the machine out of memory needs the ladder's answer in one tick.
+
 Unlike dynamic, several actions may come on one tick (one per group or process whose limit
 moved): they are adjustments of a limit, not escalations.
 
@@ -60,13 +66,22 @@ Defaults, and why:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from edged.policy.base import Action, ActionKind, ProcessClass, ProcessView, Resource, State
-from edged.policy.dynamic import parse_settings
+from edged.policy.base import (
+    Action,
+    ActionKind,
+    Limit,
+    ProcessClass,
+    ProcessView,
+    Resource,
+    State,
+)
+from edged.policy.dynamic import DynamicStrategy, parse_settings
 from edged.policy.victims import MIB, ProcessKey, eligible, key_of, rank_victims
 
 ADAPTIVE_DEFAULTS: Mapping[str, float] = {
@@ -128,10 +143,25 @@ class AdaptiveStrategy:
         self._temperature_c = math.nan  # the loop's filtered reading
         self._saturated_since_s: float | None = None
         self._quotas: dict[ProcessKey, _Quota] = {}
+        self._net = DynamicStrategy({})  # the hard-level ladder; see the module docstring
 
     def decide(self, state: State) -> list[Action]:
-        """Memory group targets that moved, then CPU quotas that moved."""
-        return self._memory(state) + self._cpu(state)
+        """The hard-level safety net, then memory group targets and CPU quotas that moved."""
+        return self._safety_net(state) + self._memory(state) + self._cpu(state)
+
+    def _safety_net(self, state: State) -> list[Action]:
+        """Dynamic's answer at the memory hard level (and only there: it is shown no soft
+        level and nothing imposed, so it never throttles, freezes or lifts anything)."""
+        limit = state.limits.get(Resource.MEMORY)
+        hard_only: dict[Resource, Limit] = {}
+        if limit is not None and limit.hard is not None:
+            hard_only[Resource.MEMORY] = Limit(Resource.MEMORY, None, limit.hard)
+        net_state = dataclasses.replace(state, limits=hard_only, imposed=())
+        return [
+            dataclasses.replace(a, strategy=self.name)
+            for a in self._net.decide(net_state)
+            if a.kind in (ActionKind.TERMINATE, ActionKind.KILL)
+        ]
 
     @property
     def cpu_quota_cores(self) -> float:

@@ -5,7 +5,9 @@ reuses. Per resource and per tick it emits at most one action, so it never mass-
 
 Memory
     at or above hard: SIGTERM the top victim (no hold: the OOM killer is near). If the same
-    process (pid and start time) is still there ``grace_s`` later, SIGKILL it. While a
+    process (pid and start time) is still there ``grace_s`` later, SIGKILL it; SIGKILL it at
+    once if it has grown by ``term_growth_bytes`` since the SIGTERM (a process shutting down
+    does not keep allocating, so it ignored the signal, and waiting would spend the margin). While a
     termination is in its grace period no second victim is terminated: its memory is about to
     come back. A victim that is frozen is killed at once (it could not handle SIGTERM).
     above soft for ``hold_s``: throttle the top victim to its usage minus the overshoot over
@@ -36,6 +38,9 @@ Defaults, and why:
 ``cpu_hold_s``              5 s      CPU bursts are normal work; act on sustained overload only
 ``thermal_hold_s``          3 s      temperature lags CPU by seconds; sensors are noisy
 ``grace_s``                 2 s      SIGTERM-to-SIGKILL, as earlyoom and systemd's short stops
+``term_growth_bytes``       32 MiB   a victim that grows this much after its SIGTERM is not
+                                     shutting down (it ignored the signal): SIGKILL it at once
+                                     instead of letting it eat the rest of the margin
 ``freeze_after_s``          3 s      give a throttle time to show (reclaim, quota periods)
 ``freeze_max_s``            10 s     a frozen process holds its locks and clients time out
 ``recover_margin``          0.05     5 % of the soft level below it: the hysteresis band
@@ -78,6 +83,7 @@ DYNAMIC_DEFAULTS: Mapping[str, float] = {
     "cpu_hold_s": 5.0,
     "thermal_hold_s": 3.0,
     "grace_s": 2.0,
+    "term_growth_bytes": 32.0 * MIB,
     "freeze_after_s": 3.0,
     "freeze_max_s": 10.0,
     "recover_margin": 0.05,
@@ -278,6 +284,18 @@ class DynamicStrategy:
         """KILL a process still there ``grace_s`` after its SIGTERM (once)."""
         grace_s = self.settings["grace_s"]
         for key, term in list(self._terminations.items()):
+            grown = present[key].memory_bytes - term.victim.memory_bytes
+            if term.killed_s is None and grown >= self.settings["term_growth_bytes"]:
+                term.killed_s = state.now_s
+                waited_s = state.now_s - term.sent_s
+                return self._action(
+                    ActionKind.KILL,
+                    present[key],
+                    term.resource,
+                    "hard",
+                    detail=f"grew {format_quantity(grown, Resource.MEMORY)} in {waited_s:.2f} s "
+                    "after SIGTERM: it is ignoring it",
+                )
             if term.killed_s is None and state.now_s - term.sent_s >= grace_s - 1e-9:
                 term.killed_s = state.now_s
                 waited_s = state.now_s - term.sent_s
