@@ -182,21 +182,54 @@ def test_memory_hog_gets_soft_limit_and_backstop(lab: Lab, backend: CgroupV1) ->
     backend.set_memory_high(group, 32 * MiB)
     assert int(v1_file("memory", group, "memory.soft_limit_in_bytes")) == 32 * MiB
     limit_bytes = int(v1_file("memory", group, "memory.limit_in_bytes"))
-    # backstop: above current usage (so setting it kills nothing) by max(64 MiB, 10 %)
+    # backstop: above current usage (so setting it stalls nothing) by max(64 MiB, 10 %)
     assert used_bytes + 60 * MiB <= limit_bytes <= used_bytes + 68 * MiB
     assert hog.poll() is None
 
-    # growing past the backstop: the group's own OOM killer acts (no swap here), not the
-    # machine's; with swap the group would be held at the limit instead
+    # growing past the backstop: held in its page fault, not OOM-killed (a throttle)
     hog.stdin.write("256\n")
     hog.stdin.flush()
-    hog.wait(timeout=10)
-    assert hog.returncode == -signal.SIGKILL
+    deadline = time.monotonic() + 10
+    while "under_oom 1" not in v1_file("memory", group, "memory.oom_control"):
+        assert time.monotonic() < deadline, v1_file("memory", group, "memory.oom_control")
+        time.sleep(0.05)
+    time.sleep(0.5)
+    assert hog.poll() is None, "a throttle must not kill"
+    assert "oom_kill 0" in v1_file("memory", group, "memory.oom_control")
     assert int(v1_file("memory", group, "memory.max_usage_in_bytes")) <= limit_bytes
 
+    # lifted: it resumes where it stopped and finishes its allocation
     backend.set_memory_high(group, None)
+    assert hog.stdout.readline().strip() == "ok"
     assert int(v1_file("memory", group, "memory.soft_limit_in_bytes")) == V1_UNLIMITED_BYTES
     assert int(v1_file("memory", group, "memory.limit_in_bytes")) == V1_UNLIMITED_BYTES
+
+
+def test_the_backstop_counts_memory_charged_before_the_move(
+    lab: Lab, backend: CgroupV1
+) -> None:
+    """v1 leaves what a process held before the move charged to its old group: a throttle to
+    the size it has now must stop its growth near there, not let it take as much again."""
+    hog = lab.spawn(HOG)
+    assert hog.stdin is not None
+    assert hog.stdout is not None
+    hog.stdin.write("200\n")
+    hog.stdin.flush()
+    assert hog.stdout.readline().strip() == "ok"
+    group = backend.place(hog.pid, "moved")
+    assert backend.usage(group) < 16 * MiB  # its 200 MiB stayed where they were charged
+    backend.set_memory_high(group, 180 * MiB)
+    limit_bytes = int(v1_file("memory", group, "memory.limit_in_bytes"))
+    assert limit_bytes <= 80 * MiB  # room for the margin, not for another 180 MiB
+    hog.stdin.write("128\n")
+    hog.stdin.flush()
+    deadline = time.monotonic() + 10
+    while "under_oom 1" not in v1_file("memory", group, "memory.oom_control"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert hog.poll() is None
+    backend.set_memory_high(group, None)
+    assert hog.stdout.readline().strip() == "ok"
 
 
 def test_cpu_spinner_held_to_quota(lab: Lab, backend: CgroupV1) -> None:

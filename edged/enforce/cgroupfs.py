@@ -18,11 +18,17 @@ reclaim when the *whole machine* is short of memory (it never slows a growing pr
 own), and ``memory.limit_in_bytes``, which reclaims and then OOM-kills inside the group when it
 cannot. A throttle must not be a kill in disguise, yet a soft limit alone would let the process
 grow unchecked until the machine is short. So :meth:`CgroupV1.set_memory_high` sets the soft
-limit to the target *and* a hard backstop a margin above what the group uses right now
-(``max(target, usage) + max(64 MiB, 10 %)``): setting it never kills anything (it is above the
-current usage), reclaim pushes the group toward the target as soon as memory is tight, and the
-process can grow by at most the margin before its own group, not the machine, runs out. The
-margin is a constructor argument (``backstop_fraction=None`` disables the backstop).
+limit to the target, a hard backstop a margin (``max(64 MiB, 10 %)``) above what the process
+may hold, and ``memory.oom_control`` = 1: at the backstop the kernel *holds* the process in its
+page fault (as v2's ``memory.high`` slows it) instead of OOM-killing it, and it resumes when
+the throttle is lifted or memory is freed. A fatal signal (SIGKILL, or SIGTERM without a
+handler) still ends a held process at once; a SIGTERM handler runs only once it resumes.
+
+v1 does not move a process's memory with it (``move_charge_at_immigrate`` is gone from recent
+kernels), so what it held before edged moved it stays charged to its old group. The backstop
+counts that: the group may take ``target - (resident - charged here)`` more, never less than
+what it holds now, so setting the backstop never kills or stalls anything by itself.
+``set_memory_max`` (a hard limit, meant to OOM-kill) turns the group's OOM killer back on.
 
 Every reader and writer takes its roots (``root`` for cgroupfs, ``proc`` for procfs), so tests
 point a backend at a fixture tree.
@@ -286,12 +292,29 @@ class CgroupV1(_Base):
         self._write(d / "memory.soft_limit_in_bytes", str(limit_bytes), group)
         if self.backstop_fraction is None:
             return
-        base = max(limit_bytes, self.usage(group))
+        usage = self.usage(group)
+        elsewhere = max(0, self._resident_bytes(group) - usage)  # charged to the old group
+        base = max(usage, limit_bytes - elsewhere)
         backstop = base + max(self.backstop_min_bytes, int(base * self.backstop_fraction))
         hard = self._max_bytes.get(group)
         if hard is not None:
             backstop = min(backstop, hard)
+        else:  # hold at the backstop, do not OOM-kill (see the module docstring)
+            self._write(d / "memory.oom_control", "1", group)
         self._write(d / "memory.limit_in_bytes", str(backstop), group)
+
+    def _resident_bytes(self, group: str) -> int:
+        """VmRSS summed over the group's processes (those that vanish count 0)."""
+        total = 0
+        for pid in self._procs_in(self._dir("memory", group) / "cgroup.procs"):
+            try:
+                status = (self.proc / str(pid) / "status").read_bytes()
+            except OSError:
+                continue
+            at = status.find(b"\nVmRSS:")
+            if at >= 0:
+                total += int(status[at + 7 : status.index(b"kB", at)]) * 1024
+        return total
 
     def set_memory_max(self, group: str, limit_bytes: int | None) -> None:
         d = self._dir("memory", group)
@@ -301,6 +324,8 @@ class CgroupV1(_Base):
             self._max_bytes[group] = limit_bytes
         # v1 reclaims down to a lowered limit and fails with EBUSY if it cannot
         value = V1_UNLIMITED if limit_bytes is None else str(limit_bytes)
+        if limit_bytes is not None:
+            self._write(d / "memory.oom_control", "0", group)  # a hard limit is meant to kill
         self._write(d / "memory.limit_in_bytes", value, group)
 
     def set_cpu_quota(self, group: str, cores: float | None) -> None:
