@@ -205,9 +205,7 @@ def test_memory_hog_gets_soft_limit_and_backstop(lab: Lab, backend: CgroupV1) ->
     assert int(v1_file("memory", group, "memory.limit_in_bytes")) == V1_UNLIMITED_BYTES
 
 
-def test_the_backstop_counts_memory_charged_before_the_move(
-    lab: Lab, backend: CgroupV1
-) -> None:
+def test_the_backstop_counts_memory_charged_before_the_move(lab: Lab, backend: CgroupV1) -> None:
     """v1 leaves what a process held before the move charged to its old group: a throttle to
     the size it has now must stop its growth near there, not let it take as much again."""
     hog = lab.spawn(HOG)
