@@ -150,9 +150,25 @@ def test_soft_ladder_throttle_freeze_thaw() -> None:
     assert thaw.kind is K.THAW
     assert thaw.reason == "freeze-limit"
     assert t2 - t1 == pytest.approx(DYNAMIC_DEFAULTS["freeze_max_s"])
-    # not refrozen before freeze_after_s has passed since the thaw: a duty cycle, not a lock
-    assert [a.kind for _, a in rest] == [K.FREEZE]
+    # still above soft freeze_after_s after the thaw: throttle and freeze did not help, so the
+    # ladder goes on to SIGTERM (soft eviction), and SIGKILL after the grace
+    assert [a.kind for _, a in rest] == [K.TERMINATE, K.KILL]
     assert rest[0][0] - t2 == pytest.approx(DYNAMIC_DEFAULTS["freeze_after_s"])
+    assert rest[0][1].reason == "soft"
+    assert "still above after its thaw" in rest[0][1].detail
+    assert rest[1][0] - rest[0][0] == pytest.approx(DYNAMIC_DEFAULTS["grace_s"])
+
+
+def test_cpu_soft_ladder_cycles_freezes_and_never_terminates() -> None:
+    """A CPU hog held by quota and freezes does no harm: no SIGTERM for CPU."""
+    strategy = DynamicStrategy({})
+    limit = Limit(Resource.CPU, 2.0, 4.0)
+    log = _drive(
+        strategy, [3.0] * 400, [proc(9, cpu_cores=3.0)], resource=Resource.CPU, limit=limit
+    )
+    assert K.FREEZE in kinds(log)
+    assert K.TERMINATE not in kinds(log)
+    assert K.KILL not in kinds(log)
 
 
 def test_soft_not_before_hold() -> None:

@@ -12,8 +12,10 @@ Memory
     come back. A victim that is frozen is killed at once (it could not handle SIGTERM).
     above soft for ``hold_s``: throttle the top victim to its usage minus the overshoot over
     ``soft * (1 - throttle_cushion)`` (floor ``min_throttle_bytes``); if still above soft
-    ``freeze_after_s`` after that, freeze it. The ladder escalates on a process it already
-    holds before it throttles another one.
+    ``freeze_after_s`` after that, freeze it; if still above soft ``freeze_after_s`` after the
+    freeze was lifted (``freeze_max_s``), SIGTERM it (then SIGKILL after ``grace_s``), as the
+    kubelet's soft eviction does: a throttle and a freeze did not bring memory back. The
+    ladder escalates on a process it already holds before it throttles another one.
 CPU
     above soft for ``cpu_hold_s`` (at hard: at once): throttle the top CPU consumer to its usage
     minus the overshoot (floor ``min_cores``); then freeze it as for memory.
@@ -104,6 +106,8 @@ RESOURCES: tuple[Resource, ...] = (
     Resource.POWER,
 )
 _THERMAL = (Resource.TEMPERATURE, Resource.POWER)
+# resources whose soft ladder ends in SIGTERM (for CPU and heat a held process does no harm)
+_EVICTING = (Resource.MEMORY, Resource.GPU_MEMORY)
 # the apply/undo pairs; the "family" keys the strategy's memory of what it sent
 _UNDO = {ActionKind.THROTTLE: ActionKind.UNTHROTTLE, ActionKind.FREEZE: ActionKind.THAW}
 _FAMILY = {
@@ -411,7 +415,23 @@ class DynamicStrategy:
                 )
             elif state.now_s - since_s >= self.settings["freeze_after_s"] - 1e-9:
                 thawed_s = self._last_thaw_s.get((pid, resource), -math.inf)
-                if state.now_s - thawed_s >= self.settings["freeze_after_s"] - 1e-9:
+                spent = state.now_s - thawed_s >= self.settings["freeze_after_s"] - 1e-9
+                if spent and math.isfinite(thawed_s) and resource in _EVICTING:
+                    # throttled, frozen, thawed, and memory is still above soft: the rest of
+                    # the ladder (kubelet's soft eviction); holding it forever helps no one
+                    key = key_of(victim.process)
+                    self._terminations[key] = _Termination(
+                        key, victim.process, resource, state.now_s
+                    )
+                    action = self._action(
+                        ActionKind.TERMINATE,
+                        victim.process,
+                        resource,
+                        reason,
+                        detail=f"{context}; throttled, frozen {self.settings['freeze_max_s']:.0f}"
+                        f" s and still above after its thaw; {victim.why}",
+                    )
+                elif spent:
                     action = self._action(
                         ActionKind.FREEZE,
                         victim.process,
