@@ -54,7 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="ask the running daemon how it is")
     status.add_argument("--socket", help="daemon socket (default per DESIGN)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
-    events = sub.add_parser("events", help="actions the daemon took (or decided, in dry run)")
+    events = sub.add_parser(
+        "events", help="actions the daemon took (or decided, in dry run) and alert transitions"
+    )
     events.add_argument("--socket", help="daemon socket (default per DESIGN)")
     events.add_argument("--since", type=int, default=0, help="only events after this sequence")
     events.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
@@ -233,7 +235,29 @@ def cmd_status(args: argparse.Namespace) -> int:
     failing = [s for s in result.get("sources", []) if s["status"] != "ok"]
     for s in failing:
         print(f"  source {s['name']}: {s['status']} {s['detail']}")
+    for a in result.get("alerts", []):
+        since = time.strftime("%H:%M:%S", time.localtime(a["since_unix_ns"] / 1e9))
+        print(
+            f"  alert {a['resource']} {a['severity']} {a['state']} since {since} "
+            f"(active {a['active_s']:.0f}s): {a['detail']}"
+        )
     return EXIT_OK
+
+
+def _event_line(e: dict[str, Any]) -> str:
+    """One event as ``edged events`` prints it; alert transitions have no pid or class."""
+    stamp = time.strftime("%H:%M:%S", time.localtime(e["time_unix_ns"] / 1e9))
+    if e["action"] == "alert":
+        return (
+            f"{stamp} #{e['seq']} {e['status']:<8} {'alert':<10} "
+            f"{e['resource']}/{e['reason']} {e['detail']}"
+        )
+    outcome = f"; {e['outcome']}" if e["outcome"] else ""
+    return (
+        f"{stamp} #{e['seq']} {e['status']:<8} {e['action']:<10} pid {e['pid']:<7} "
+        f"{e['resource']}/{e['reason']} [{e['klass']}, {e['strategy']}] "
+        f"{e['detail']}{outcome}"
+    )
 
 
 def cmd_events(args: argparse.Namespace) -> int:
@@ -245,17 +269,7 @@ def cmd_events(args: argparse.Namespace) -> int:
             print(f"edged: {exc}", file=sys.stderr)
             return exc.code
         for e in result["events"]:
-            if args.json:
-                print(json.dumps(e), flush=True)
-            else:
-                stamp = time.strftime("%H:%M:%S", time.localtime(e["time_unix_ns"] / 1e9))
-                outcome = f"; {e['outcome']}" if e["outcome"] else ""
-                print(
-                    f"{stamp} #{e['seq']} {e['status']:<8} {e['action']:<10} pid {e['pid']:<7} "
-                    f"{e['resource']}/{e['reason']} [{e['klass']}, {e['strategy']}] "
-                    f"{e['detail']}{outcome}",
-                    flush=True,
-                )
+            print(json.dumps(e) if args.json else _event_line(e), flush=True)
             since = max(since, e["seq"])
         if not args.follow:
             return EXIT_OK

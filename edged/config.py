@@ -215,6 +215,29 @@ class Enforce(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     dry_run: bool = False
 
 
+class Alerts(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """How long a limit breach must last before its alert fires (see :mod:`edged.alerts`)."""
+
+    # "for" is a Python keyword: the attribute is for_, the TOML key is for (as in Prometheus)
+    for_: float | int | str = msgspec.field(default=30.0, name="for")  # at or above soft
+    critical_for: float | int | str = 0.0  # at or above hard; 0: fires on the first tick
+
+    def __post_init__(self) -> None:
+        for name, value in (("for", self.for_), ("critical_for", self.critical_for)):
+            try:
+                parse_duration_s(value)
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from exc
+
+    @property
+    def for_s(self) -> float:
+        return parse_duration_s(self.for_)
+
+    @property
+    def critical_for_s(self) -> float:
+        return parse_duration_s(self.critical_for)
+
+
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     sampling: Sampling = msgspec.field(default_factory=Sampling)
     limits: Limits = msgspec.field(default_factory=Limits)
@@ -223,6 +246,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     server: Server = msgspec.field(default_factory=Server)
     telemetry: Telemetry = msgspec.field(default_factory=Telemetry)
     enforce: Enforce = msgspec.field(default_factory=Enforce)
+    alerts: Alerts = msgspec.field(default_factory=Alerts)
     root: str = ""  # prefix for /proc, /sys, /etc (tests and `--root`); empty: the real ones
 
 

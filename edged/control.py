@@ -1,8 +1,9 @@
-"""The decide-and-enforce half of a tick: State -> strategy -> enforcer -> events.
+"""The decide-and-enforce half of a tick: State -> alerts, strategy -> enforcer -> events.
 
 The controller is the one place that knows what edged has imposed (so strategies can lift it)
 and the one place actions become events: a log line, an ``edged.actions`` increment (through
-``on_event``) and an entry in the bounded events ring that ``edged events`` reads.
+``on_event``) and an entry in the bounded events ring that ``edged events`` reads. Alert
+transitions (:mod:`edged.alerts`) go into the same ring, as events with ``action="alert"``.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 
+from edged.alerts import Alert, AlertState, AlertTracker, describe
 from edged.config import Limits
 from edged.enforce.enforcer import Enforcer, Outcome, Status
 from edged.policy.base import Action, ActionKind, Imposed, Limit, Resource, State, Strategy
@@ -28,8 +31,17 @@ _LIFTING = {ActionKind.UNTHROTTLE: ActionKind.THROTTLE, ActionKind.THAW: ActionK
 _ENDING = (ActionKind.TERMINATE, ActionKind.KILL)
 
 
+ALERT_ACTION = "alert"
+
+
 class Event(msgspec.Struct, frozen=True):
-    """One action and what became of it, as ``events`` returns it."""
+    """One action and what became of it, as ``events`` returns it.
+
+    An alert transition has the same shape: ``action="alert"``, ``pid=0``, ``resource``,
+    ``reason`` = the severity (warning, critical), ``status`` = the state it entered (pending,
+    firing, resolved), ``detail`` = the usage against the level; ``strategy`` and ``klass``
+    are empty.
+    """
 
     seq: int
     time_unix_ns: int
@@ -39,7 +51,7 @@ class Event(msgspec.Struct, frozen=True):
     reason: str
     strategy: str
     klass: str
-    status: str  # done | skipped | failed | dry_run
+    status: str  # done | skipped | failed | dry_run; alerts: pending | firing | resolved
     detail: str = ""
     outcome: str = ""  # the skip reason or the error
     reaction_s: float | None = None
@@ -54,6 +66,7 @@ class Controller:
     limits: Limits
     on_event: Callable[[Event], None] = lambda event: None
     events_capacity: int = 1000
+    alerts: AlertTracker = field(default_factory=AlertTracker)
 
     def __post_init__(self) -> None:
         self.events: deque[Event] = deque(maxlen=self.events_capacity)
@@ -62,12 +75,15 @@ class Controller:
         self.last_state: State | None = None
         # cumulative edged.actions per attribute set, exported as an observable counter
         self.action_counts: dict[tuple[str, str, str, str], int] = {}
+        # (monotonic s, unix ns) of the last snapshot: turns alert times into wall-clock times
+        self._clock: tuple[float, int] | None = None
 
     def step(
         self, snapshot: Snapshot, interval_s: float, start_ticks: Mapping[int, int]
     ) -> list[Event]:
-        """Decide on this snapshot and act. Imposed entries of processes that are gone are
-        dropped first (the kernel undid them when the process exited)."""
+        """Evaluate the alerts, then decide on this snapshot and act. Imposed entries of
+        processes that are gone are dropped first (the kernel undid them when the process
+        exited). Returns the action events (alert transitions go to the ring only)."""
         for key in [k for k in self.imposed if k[0] not in start_ticks]:
             del self.imposed[key]
         state = build_state(
@@ -79,6 +95,9 @@ class Controller:
             reaction_time_s=self.enforcer.reaction_time_s,
         )
         self.last_state = state
+        self._clock = (snapshot.monotonic_s, snapshot.time_unix_ns)
+        for transition in self.alerts.update(state.now_s, state.usage, state.limits):
+            self._alert_event(transition, snapshot.time_unix_ns)
         actions = self.strategy.decide(state)
         return [self._apply(action, state) for action in actions]
 
@@ -139,6 +158,54 @@ class Controller:
         self.on_event(event)
         return event
 
+    def _alert_event(self, alert: Alert, time_unix_ns: int) -> Event:
+        self._seq += 1
+        hold_s = self.alerts.hold_s(alert.severity)
+        detail = describe(alert)
+        if alert.state is AlertState.FIRING and hold_s > 0:
+            detail += f" for {hold_s:g}s"
+        event = Event(
+            seq=self._seq,
+            time_unix_ns=time_unix_ns,
+            action=ALERT_ACTION,
+            pid=0,
+            resource=alert.resource.value,
+            reason=alert.severity.value,
+            strategy="",
+            klass="",
+            status=alert.state.value,
+            detail=detail,
+        )
+        self.events.append(event)
+        level = logging.WARNING if alert.state is AlertState.FIRING else logging.INFO
+        log.log(level, "alert %s %s %s: %s", event.resource, event.reason, event.status, detail)
+        self.on_event(event)
+        return event
+
+    def alert_status(self) -> list[dict[str, Any]]:
+        """The pending and firing alerts as ``status`` returns them, with wall-clock times."""
+        if self._clock is None:
+            return []
+        mono_s, unix_ns = self._clock
+
+        def wall_ns(t_s: float) -> int:
+            return unix_ns + round((t_s - mono_s) * 1e9)
+
+        return [
+            {
+                "resource": a.resource.value,
+                "severity": a.severity.value,
+                "state": a.state.value,
+                "since_unix_ns": wall_ns(a.state_since_s),
+                "active_since_unix_ns": wall_ns(a.active_since_s),
+                "active_s": round(mono_s - a.active_since_s, 3),
+                "value": a.value,
+                "threshold": a.threshold,
+                "detail": describe(a),
+            }
+            for a in self.alerts.active()
+        ]
+
     def since(self, seq: int) -> list[Event]:
         """Events after ``seq`` still in the ring (oldest first)."""
         return [e for e in self.events if e.seq > seq]
@@ -176,12 +243,16 @@ def still_needed(
 HEALTH_LEVELS = ("ok", "moderate", "warning", "critical")
 
 
-def health(state: State | None, forecasts: Mapping[Resource, float] | None = None) -> str:
-    """ok; moderate above soft on some resource; warning when a forecast reaches a hard limit
-    within a minute; critical at or above hard."""
+def health(
+    state: State | None,
+    forecasts: Mapping[Resource, float] | None = None,
+    alert_firing: bool = False,
+) -> str:
+    """ok; moderate at or above soft on some resource; warning when a forecast reaches a hard
+    limit within a minute or an alert fires (a sustained breach); critical at or above hard."""
     if state is None:
         return "ok"
-    level = 0
+    level = 2 if alert_firing else 0
     for resource, limit in state.limits.items():
         used = state.usage.get(resource)
         if used is None:
@@ -209,10 +280,11 @@ def _attrs(*pairs: str) -> dict[str, str]:
 
 
 def policy_readings(controller: Controller, forecasts: Mapping[Resource, float]) -> list[Reading]:
-    """What the policy adds to a tick's snapshot: health, limits, forecasts, action counts."""
+    """What the policy adds to a tick's snapshot: health, limits, forecasts, action counts,
+    alerts."""
     state = controller.last_state
     out: list[Reading] = []
-    current = health(state, forecasts)
+    current = health(state, forecasts, controller.alerts.firing())
     for level in HEALTH_LEVELS:
         value = 1.0 if level == current else 0.0
         out.append(Reading("edged.health", value, _attrs("edged.level", level)))
@@ -238,4 +310,14 @@ def policy_readings(controller: Controller, forecasts: Mapping[Resource, float])
             klass,
         )
         out.append(Reading("edged.actions", float(count), attrs))
+    for resource, severity, alert_state, active in controller.alerts.series():
+        attrs = _attrs(
+            "edged.resource",
+            resource.value,
+            "edged.severity",
+            severity.value,
+            "edged.state",
+            alert_state.value,
+        )
+        out.append(Reading("edged.alerts", float(active), attrs))
     return out

@@ -137,7 +137,9 @@ class Daemon:
             log.info("prometheus metrics on http://%s:%d/metrics", host, port)
 
     def _start_controller(self) -> None:
-        """The strategy and the enforcer; first, lift whatever a crashed run left imposed."""
+        """The strategy, the enforcer and the alerts; first, lift whatever a crashed run left
+        imposed."""
+        from edged.alerts import AlertTracker
         from edged.control import Controller, still_needed
         from edged.enforce.cgroupfs import detect
         from edged.enforce.enforcer import Enforcer
@@ -177,7 +179,8 @@ class Daemon:
             dry_run=cfg.enforce.dry_run or cfg.enforce.backend == "none" or not exclusive,
             recheck=still_needed(self._reread, limits),
         )
-        self.controller = Controller(strategy, enforcer, cfg.limits)
+        alerts = AlertTracker(cfg.alerts.for_s, cfg.alerts.critical_for_s)
+        self.controller = Controller(strategy, enforcer, cfg.limits, alerts=alerts)
         log.info(
             "strategy %s, enforcing with %s%s",
             strategy.name,
@@ -396,6 +399,10 @@ class Daemon:
             self._sampler = self._build_sampler()
             if self._history_capacity(new) != self.history.capacity:
                 self.history = History(self._history_capacity(new))
+        if new.alerts != old.alerts and self.controller is not None:
+            # pending alerts are held against the new times from the next tick on
+            self.controller.alerts.for_s = new.alerts.for_s
+            self.controller.alerts.critical_for_s = new.alerts.critical_for_s
         for section in ("telemetry", "server"):
             if getattr(new, section) != getattr(old, section):
                 log.warning("[%s] changes take effect at the next restart", section)
@@ -467,7 +474,7 @@ class Daemon:
             "usage": usage,
             "sources": [msgspec.to_builtins(s) for s in (snap.sources if snap else ())],
             "clients": len(self.server.clients),
-            "alerts": [],
+            "alerts": self.controller.alert_status() if self.controller is not None else [],
         }
 
     def _health(self) -> str:
@@ -475,7 +482,9 @@ class Daemon:
             return "ok"
         from edged.control import health
 
-        return health(self.controller.last_state, self._forecasts())
+        return health(
+            self.controller.last_state, self._forecasts(), self.controller.alerts.firing()
+        )
 
     def _forecasts(self) -> Mapping[Any, float]:
         """Time to limit per resource from strategies that forecast (predictive); {} else."""

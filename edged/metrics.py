@@ -94,6 +94,13 @@ _SPECS = [
         "Forecast seconds until a resource reaches its hard limit",
     ),
     MetricSpec("edged.actions", Kind.COUNTER, "{action}", "Actions taken (or logged in dry run)"),
+    MetricSpec(
+        "edged.alerts",
+        Kind.UPDOWN,
+        "{alert}",
+        "Alerts on the limits, by resource, severity (warning, critical) and state "
+        "(pending, firing)",
+    ),
     MetricSpec("edged.sensor.errors", Kind.COUNTER, "{error}", "Sensor reads that failed"),
 ]
 

@@ -69,6 +69,10 @@ def test_precedence_file_dropin_env_flags(tmp_path: Path) -> None:
         ('[telemetry]\nprometheus = "nowhere"\n', "telemetry", "host:port"),
         ("[telemetry]\nexport_interval = 0\n", "telemetry", "greater than zero"),
         ("[bogus]\nx = 1\n", "bogus", "unknown key"),
+        ('[alerts]\nfor = "soon"\n', "alerts", "for: expected a duration"),
+        ("[alerts]\nfor = true\n", "alerts.for", "Expected"),
+        ('[alerts]\ncritical_for = "-1s"\n', "alerts", "critical_for: expected a duration"),
+        ("[alerts]\nfour = 1\n", "alerts.four", "unknown key"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path: Path, text: str, key: str, fragment: str) -> None:
@@ -132,6 +136,19 @@ def test_printed_config_reads_back_identically(tmp_path: Path) -> None:
     assert cfg.load(again, environ={}) == config
 
 
+def test_alert_hold_times_from_file_environment_and_defaults(tmp_path: Path) -> None:
+    default = cfg.load(None, environ={})
+    assert (default.alerts.for_s, default.alerts.critical_for_s) == (30.0, 0.0)
+    path = write(tmp_path / "edged.toml", '[alerts]\nfor = "2m"\ncritical_for = "500ms"\n')
+    config = cfg.load(path, environ={})
+    assert (config.alerts.for_s, config.alerts.critical_for_s) == (120.0, 0.5)
+    config = cfg.load(path, environ={"EDGED_ALERTS_FOR": "10s", "EDGED_ALERTS_CRITICAL_FOR": "2"})
+    assert (config.alerts.for_s, config.alerts.critical_for_s) == (10.0, 2.0)
+    printed = cfg.dumps_toml(config)
+    assert '[alerts]\nfor = "10s"\ncritical_for = 2\n' in printed  # the TOML key is `for`
+    assert cfg.load(write(tmp_path / "again.toml", printed), environ={}) == config
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "edged", *args],
@@ -164,5 +181,9 @@ def test_the_shipped_example_config_is_valid_and_matches_the_defaults() -> None:
     assert config.strategy == default.strategy
     assert config.server == default.server
     assert config.enforce == default.enforce
+    assert (config.alerts.for_s, config.alerts.critical_for_s) == (
+        default.alerts.for_s,
+        default.alerts.critical_for_s,
+    )
     assert config.limits == cfg.Config().limits
     assert config.telemetry.prometheus == cfg.Config().telemetry.prometheus
