@@ -316,7 +316,7 @@ def test_gpu_power_limit_is_lowered_and_put_back_after_sigkill_and_on_sigterm(
         took_s = wait_for(
             lambda: gpu_limit_mw(driver_file) < ORIGINAL_MW, 15.0, "a lower GPU limit", daemon
         )
-        print(f"power over soft -> GPU limit lowered: {took_s:.3f} s (hold 0.3 s)")
+        print(f"daemon ready (already over soft) -> GPU limit lowered: {took_s:.3f} s (hold 0.3 s)")
         # about 290 W, 94 W over soft less its cushion; the GPU draws 250 of 290 W, so it
         # gives 81 W of it (RAPL as measured wobbles by a watt or two)
         first = json.loads(driver_file.read_text())["limit_log"][0]
