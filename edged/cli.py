@@ -250,8 +250,9 @@ def cmd_events(args: argparse.Namespace) -> int:
             else:
                 stamp = time.strftime("%H:%M:%S", time.localtime(e["time_unix_ns"] / 1e9))
                 outcome = f"; {e['outcome']}" if e["outcome"] else ""
+                target = f"gpu {e['gpu']}" if e.get("gpu") else f"pid {e['pid']:<7}"
                 print(
-                    f"{stamp} #{e['seq']} {e['status']:<8} {e['action']:<10} pid {e['pid']:<7} "
+                    f"{stamp} #{e['seq']} {e['status']:<8} {e['action']:<10} {target} "
                     f"{e['resource']}/{e['reason']} [{e['klass']}, {e['strategy']}] "
                     f"{e['detail']}{outcome}",
                     flush=True,

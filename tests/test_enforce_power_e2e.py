@@ -335,6 +335,14 @@ def test_gpu_power_limit_is_lowered_and_put_back_after_sigkill_and_on_sigterm(
         assert done
         assert all(e["action"] == "throttle" and e["pid"] == 0 for e in done)
         assert {e["status"] for e in done} == {"done"}
+        cli = subprocess.run(
+            [sys.executable, "-m", "edged", "events", "--socket", str(daemon.socket_path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        assert f"throttle   gpu {GPU} power/soft" in cli.stdout, cli.stdout
         snapshot = daemon.call("snapshot")
         limits_w = [r["value"] for r in snapshot["readings"] if r["metric"] == "hw.gpu.power.limit"]
         now_mw = gpu_limit_mw(driver_file)

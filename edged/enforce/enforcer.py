@@ -23,9 +23,9 @@ THAW                    thaw / SIGCONT; back to the original group once nothing 
 UNTHROTTLE              lift that resource's limit; back to the original group once free
 TERMINATE / KILL        SIGTERM / SIGKILL through a pidfd, then thaw / SIGCONT what edged
                         froze or stopped, so the signal is acted on
-THROTTLE power, gpu=U   lower GPU ``U``'s NVML power limit to ``target`` W, clamped
+THROTTLE gpu=U          lower GPU ``U``'s NVML power limit to ``target`` W, clamped
                         (:mod:`edged.enforce.nvml`; the original is recorded first)
-UNTHROTTLE power, gpu=U put GPU ``U``'s original power limit back
+UNTHROTTLE gpu=U        put GPU ``U``'s original power limit back
 NOTIFY                  not here: the server sends ``budget.shrink``
 ======================  ==============================================================
 
