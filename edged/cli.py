@@ -253,8 +253,9 @@ def _event_line(e: dict[str, Any]) -> str:
             f"{e['resource']}/{e['reason']} {e['detail']}"
         )
     outcome = f"; {e['outcome']}" if e["outcome"] else ""
+    target = f"gpu {e['gpu']}" if e.get("gpu") else f"pid {e['pid']:<7}"
     return (
-        f"{stamp} #{e['seq']} {e['status']:<8} {e['action']:<10} pid {e['pid']:<7} "
+        f"{stamp} #{e['seq']} {e['status']:<8} {e['action']:<10} {target} "
         f"{e['resource']}/{e['reason']} [{e['klass']}, {e['strategy']}] "
         f"{e['detail']}{outcome}"
     )

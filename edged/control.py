@@ -55,6 +55,7 @@ class Event(msgspec.Struct, frozen=True):
     detail: str = ""
     outcome: str = ""  # the skip reason or the error
     reaction_s: float | None = None
+    gpu: str = ""  # the GPU (UUID) of a power-limit action; pid is then 0
 
 
 @dataclass
@@ -71,7 +72,8 @@ class Controller:
     def __post_init__(self) -> None:
         self.events: deque[Event] = deque(maxlen=self.events_capacity)
         self._seq = 0
-        self.imposed: dict[tuple[int, ActionKind, Resource], Imposed] = {}
+        # (pid, kind, resource, gpu uuid or None) -> what is in force
+        self.imposed: dict[tuple[int, ActionKind, Resource, str | None], Imposed] = {}
         self.last_state: State | None = None
         # cumulative edged.actions per attribute set, exported as an observable counter
         self.action_counts: dict[tuple[str, str, str, str], int] = {}
@@ -83,9 +85,11 @@ class Controller:
     ) -> list[Event]:
         """Evaluate the alerts, then decide on this snapshot and act. Imposed entries of
         processes that are gone are dropped first (the kernel undid them when the process
-        exited). Returns the action events (alert transitions go to the ring only)."""
-        for key in [k for k in self.imposed if k[0] not in start_ticks]:
+        exited); GPU limits stay. Returns the action events (alert transitions go to the ring
+        only)."""
+        for key in [k for k in self.imposed if k[3] is None and k[0] not in start_ticks]:
             del self.imposed[key]
+        lever = self.enforcer.gpus
         state = build_state(
             snapshot,
             self.limits,
@@ -93,6 +97,7 @@ class Controller:
             start_ticks,
             imposed=tuple(self.imposed.values()),
             reaction_time_s=self.enforcer.reaction_time_s,
+            gpu_constraints_w=lever.constraints_w() if lever is not None else None,
         )
         self.last_state = state
         self._clock = (snapshot.monotonic_s, snapshot.time_unix_ns)
@@ -109,14 +114,15 @@ class Controller:
 
     def _track(self, action: Action, now_s: float) -> None:
         if action.kind in _IMPOSING:
-            key = (action.pid, action.kind, action.resource)
+            key = (action.pid, action.kind, action.resource, action.gpu)
             previous = self.imposed.get(key)
             since = previous.since_s if previous else now_s
             self.imposed[key] = Imposed(
-                action.kind, action.pid, action.resource, since, action.target
+                action.kind, action.pid, action.resource, since, action.target, action.gpu
             )
         elif action.kind in _LIFTING:
-            self.imposed.pop((action.pid, _LIFTING[action.kind], action.resource), None)
+            key = (action.pid, _LIFTING[action.kind], action.resource, action.gpu)
+            self.imposed.pop(key, None)
         elif action.kind is ActionKind.KILL:
             for key in [k for k in self.imposed if k[0] == action.pid]:
                 del self.imposed[key]
@@ -136,6 +142,7 @@ class Controller:
             detail=action.detail,
             outcome=outcome.reason,
             reaction_s=outcome.reaction_s,
+            gpu=action.gpu or "",
         )
         self.events.append(event)
         if outcome.status in (Status.DONE, Status.DRY_RUN):
@@ -144,10 +151,10 @@ class Controller:
         level = logging.WARNING if outcome.status is Status.FAILED else logging.INFO
         log.log(
             level,
-            "%s %s pid=%d (%s, %s, class %s): %s%s%s",
+            "%s %s %s (%s, %s, class %s): %s%s%s",
             event.status,
             event.action,
-            event.pid,
+            f"gpu={event.gpu}" if event.gpu else f"pid={event.pid}",
             event.resource,
             event.reason,
             event.klass,

@@ -86,6 +86,7 @@ class Daemon:
         self.controller: Controller | None = None
         self._memory_reader: Sensor | None = None
         self._restore: Any = None  # () -> int: lifts everything edged imposed
+        self._gpu_lever: Any = None  # edged.enforce.nvml.GpuPowerLever, as root with a GPU
         self.fast_interval_s = FAST_INTERVAL_S
         self._lock_fd = -1
         self._waiter: asyncio.Future[None] | None = None
@@ -138,11 +139,16 @@ class Daemon:
 
     def _start_controller(self) -> None:
         """The strategy, the enforcer and the alerts; first, lift whatever a crashed run left
-        imposed."""
+        imposed.
+
+        The GPU power-limit lever (NVML) exists only as root, with a driver and a GPU whose
+        limit can be set; it is opened before the restore so that a limit a crashed run
+        lowered is put back."""
         from edged.alerts import AlertTracker
         from edged.control import Controller, still_needed
         from edged.enforce.cgroupfs import detect
         from edged.enforce.enforcer import Enforcer
+        from edged.enforce.nvml import open_lever
         from edged.enforce.restore import StateStore, restore_all, state_directory
         from edged.enforce.signals import Signaller
         from edged.policy.registry import make_strategy
@@ -161,11 +167,14 @@ class Daemon:
         directory = self._state_directory(state_directory)
         exclusive = self._lock_state(directory)
         store = StateStore(directory)
+        lever = None
+        if exclusive and os.geteuid() == 0 and cfg.enforce.backend != "none":
+            lever = self._gpu_lever = open_lever(self.roots, store)
         if exclusive:
-            lifted = restore_all(store, backend, signals)
+            lifted = restore_all(store, backend, signals, lever)
             if lifted:
                 log.warning("lifted %d changes a previous run left in force", lifted)
-            self._restore = lambda: restore_all(store, backend, signals)
+            self._restore = lambda: restore_all(store, backend, signals, lever)
         self._memory_reader = MemorySensor(self.roots)
 
         def limits() -> Any:
@@ -178,13 +187,15 @@ class Daemon:
             store,
             dry_run=cfg.enforce.dry_run or cfg.enforce.backend == "none" or not exclusive,
             recheck=still_needed(self._reread, limits),
+            gpus=lever,
         )
         alerts = AlertTracker(cfg.alerts.for_s, cfg.alerts.critical_for_s)
         self.controller = Controller(strategy, enforcer, cfg.limits, alerts=alerts)
         log.info(
-            "strategy %s, enforcing with %s%s",
+            "strategy %s, enforcing with %s%s%s",
             strategy.name,
             type(backend).__name__ if backend else "signals",
+            f" and the power limits of {len(lever.constraints_mw)} GPUs" if lever else "",
             " (dry run: acting on nothing)" if enforcer.dry_run else "",
         )
 
@@ -419,6 +430,9 @@ class Daemon:
                 if lifted:
                     log.info("lifted %d changes on the way out", lifted)
             self._restore = None
+        if self._gpu_lever is not None:
+            self._gpu_lever.close()
+            self._gpu_lever = None
         if self.telemetry is not None:
             self.telemetry.shutdown()
         if self._sampler is not None:

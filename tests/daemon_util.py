@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,12 +58,18 @@ class RunningDaemon:
 
 
 def start_daemon(
-    tmp_path: Path, *args: str, env: dict[str, str] | None = None, ready_timeout_s: float = 20.0
+    tmp_path: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    ready_timeout_s: float = 20.0,
+    launcher: Sequence[str] | None = None,
 ) -> RunningDaemon:
-    """``edged run --socket tmp/edged.sock --prometheus off ARGS``, waiting until it answers."""
+    """``edged run --socket tmp/edged.sock --prometheus off ARGS``, waiting until it answers.
+    ``launcher`` replaces ``python -m edged`` (e.g. a wrapper that installs a fake pynvml)."""
     socket_path = tmp_path / "edged.sock"
     log_path = tmp_path / "edged.log"
-    argv = [sys.executable, "-m", "edged", "run", "--socket", str(socket_path)]
+    prefix = list(launcher) if launcher is not None else [sys.executable, "-m", "edged"]
+    argv = [*prefix, "run", "--socket", str(socket_path)]
     if "--prometheus" not in args:
         argv += ["--prometheus", "off"]
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("EDGED_", "OTEL_"))}

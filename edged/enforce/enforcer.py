@@ -23,8 +23,14 @@ THAW                    thaw / SIGCONT; back to the original group once nothing 
 UNTHROTTLE              lift that resource's limit; back to the original group once free
 TERMINATE / KILL        SIGTERM / SIGKILL through a pidfd, then thaw / SIGCONT what edged
                         froze or stopped, so the signal is acted on
+THROTTLE gpu=U          lower GPU ``U``'s NVML power limit to ``target`` W, clamped
+                        (:mod:`edged.enforce.nvml`; the original is recorded first)
+UNTHROTTLE gpu=U        put GPU ``U``'s original power limit back
 NOTIFY                  not here: the server sends ``budget.shrink``
 ======================  ==============================================================
+
+A GPU action (``Action.gpu`` set, pid 0) skips the process checks; without a GPU lever (not
+root, no NVIDIA driver) it is skipped with that reason.
 
 ``reaction_time_s`` is the running median of decision-to-effect times (from the
 ``decided_at_s`` the daemon passes, else from the call) over the last actions done; the
@@ -42,6 +48,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from edged.enforce.cgroupfs import CgroupBackend
+from edged.enforce.nvml import GpuPowerLever
 from edged.enforce.restore import StateStore, StoppedRecord
 from edged.enforce.signals import (
     EnforceError,
@@ -101,7 +108,8 @@ class Enforcer:
     recording every imposed change in ``state_store`` first.
 
     ``recheck(action)`` returns whether the action is still needed now; ``clock`` is monotonic
-    seconds (the same clock as ``decided_at_s``).
+    seconds (the same clock as ``decided_at_s``); ``gpus`` is the NVML power-limit lever
+    (None: GPU actions are skipped).
     """
 
     def __init__(
@@ -113,8 +121,10 @@ class Enforcer:
         recheck: Callable[[Action], bool],
         *,
         clock: Callable[[], float] = time.monotonic,
+        gpus: GpuPowerLever | None = None,
     ) -> None:
         self.backend = backend
+        self.gpus = gpus
         self.signals = signals
         self.store = state_store
         self.dry_run = dry_run
@@ -135,6 +145,8 @@ class Enforcer:
         what = f"{action.kind.value} {action.resource.value} pid={action.pid}"
         if action.kind is ActionKind.NOTIFY:
             return Outcome.skipped("notify is sent by the server, not the enforcer")
+        if action.gpu is not None:
+            return self._apply_gpu(action, action.gpu, start_s)
         if action.klass is ProcessClass.CRITICAL:
             log.warning("refusing %s: class critical (%s)", what, action.strategy)
             return Outcome.skipped("critical class")
@@ -183,6 +195,55 @@ class Enforcer:
             action.reason,
             action.strategy,
             action.target,
+            reaction_s * 1e3,
+            action.detail,
+        )
+        return Outcome.done(reaction_s)
+
+    def _apply_gpu(self, action: Action, uuid: str, start_s: float) -> Outcome:
+        """A GPU power-limit action: no process to check; re-check, record, act."""
+        what = f"{action.kind.value} power limit of GPU {uuid}"
+        if action.kind not in (ActionKind.THROTTLE, ActionKind.UNTHROTTLE):
+            return Outcome.skipped(f"{action.kind.value} does not apply to a GPU")
+        if self.gpus is None:
+            log.info("skipping %s: no GPU power lever", what)
+            return Outcome.skipped("no GPU power lever (needs root and an NVIDIA driver)")
+        if not self.recheck(action):
+            log.info("dropping %s: the situation recovered", what)
+            return Outcome.skipped("recovered")
+        if self.dry_run:
+            log.info(
+                "dry run: would %s (target=%s W, reason=%s, strategy=%s) %s",
+                what,
+                action.target,
+                action.reason,
+                action.strategy,
+                action.detail,
+            )
+            return Outcome.dry_run()
+        try:
+            if action.kind is ActionKind.THROTTLE:
+                if action.target is None or action.target <= 0:
+                    raise EnforceError(None, "gpu power limit", f"bad target {action.target}")
+                set_mw = self.gpus.set_limit(uuid, action.target)
+                result = f"limit now {set_mw / 1000.0:.1f} W"
+            else:
+                restored_mw = self.gpus.lift(uuid)
+                if restored_mw is None:
+                    log.info("skipping %s: nothing imposed on it", what)
+                    return Outcome.skipped("nothing imposed on it")
+                result = f"limit back to {restored_mw / 1000.0:.1f} W"
+        except EnforceError as exc:
+            log.warning("failed %s: %s", what, exc)
+            return Outcome.failed(exc)
+        reaction_s = self.clock() - start_s
+        self._reactions_s.append(reaction_s)
+        log.info(
+            "%s (reason=%s, strategy=%s): %s in %.1f ms %s",
+            what,
+            action.reason,
+            action.strategy,
+            result,
             reaction_s * 1e3,
             action.detail,
         )
@@ -254,8 +315,8 @@ class Enforcer:
     def _throttle(self, a: Action) -> str | None:
         if a.target is None or a.target <= 0:
             raise EnforceError(a.pid, "throttle", f"needs a positive target, got {a.target}")
-        # Over a temperature or power limit the lever is the CPU: strategies give the target in
-        # cores (a GPU power limit through NVML is not built yet).
+        # Over a temperature or power limit the CPU lever takes a target in cores; the GPU
+        # power-limit lever is an action with ``gpu`` set (see _apply_gpu).
         backend = self._need_backend(a)
         group, move = self._group_for(backend, a)
         record = self.store.group(group)

@@ -8,8 +8,10 @@ was never made costs nothing to undo (thawing a thawed group, lifting an unset l
 
 :func:`restore_all` undoes everything in the file: thaws frozen groups, sends SIGCONT to stopped
 processes, lifts throttles, moves processes back to their original groups, removes edged's empty
-groups and clears the file. It is idempotent and tolerates vanished processes and groups, so it
-can run on SIGTERM and again at the next start.
+groups, puts back the original power limit of each GPU edged lowered (through the NVML lever,
+:mod:`edged.enforce.nvml`) and clears the file. It is idempotent and tolerates vanished
+processes and groups, so it can run on SIGTERM and again at the next start. A GPU limit that
+cannot be put back now (no lever: not root, no driver) stays recorded for a later start.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import msgspec
 
@@ -32,6 +35,16 @@ from edged.enforce.signals import (
 log = logging.getLogger(__name__)
 
 STATE_FILE = "imposed.json"
+
+
+class GpuLimitRestorer(Protocol):
+    """What :func:`restore_all` needs of the NVML lever (:mod:`edged.enforce.nvml`)."""
+
+    def restore_records(self, records: dict[str, GpuRecord]) -> tuple[int, dict[str, GpuRecord]]:
+        """Put back each GPU's original limit; (how many were, the records still to do)."""
+        ...
+
+
 DEFAULT_STATE_DIRECTORY = Path("/var/lib/edged")
 
 
@@ -59,16 +72,25 @@ class StoppedRecord(msgspec.Struct):
     start_ticks: int
 
 
+class GpuRecord(msgspec.Struct):
+    """A GPU whose power limit edged lowered: the limit it had before edged first changed it
+    (read once, before that change) and the one edged set last (None: not set yet)."""
+
+    original_limit_mw: int
+    limit_mw: int | None = None
+
+
 class Imposed(msgspec.Struct):
     """The whole file."""
 
     version: int = 1
     groups: dict[str, GroupRecord] = {}  # group path -> record
     stopped: dict[str, StoppedRecord] = {}  # pid (as text) -> record
+    gpus: dict[str, GpuRecord] = {}  # GPU UUID -> record
 
     def empty(self) -> bool:
         """Nothing imposed."""
-        return not self.groups and not self.stopped
+        return not self.groups and not self.stopped and not self.gpus
 
 
 def state_directory() -> Path:
@@ -136,12 +158,33 @@ class StateStore:
         self.save()
 
 
-def restore_all(store: StateStore, backend: CgroupBackend | None, signals: Signaller) -> int:
+def restore_all(
+    store: StateStore,
+    backend: CgroupBackend | None,
+    signals: Signaller,
+    gpus: GpuLimitRestorer | None = None,
+) -> int:
     """Undo everything recorded in ``store``; returns how many processes were resumed or
-    moved back. Safe to call twice, with vanished pids and groups, and with no backend (only
-    SIGSTOPs are then undone)."""
+    moved back plus how many GPU power limits were put back. Safe to call twice, with
+    vanished pids and groups, and with no backend (only SIGSTOPs are then undone).
+
+    GPU power limits are put back through ``gpus`` (the NVML lever). A GPU record that cannot
+    be restored now (no lever: not root, no driver; or NVML refused) is kept in the file, so
+    a later start with a working lever puts the original limit back; everything else is
+    cleared."""
     data = store.data
     restored = 0
+    kept_gpus: dict[str, GpuRecord] = {}
+    if data.gpus:
+        if gpus is None:
+            log.warning(
+                "restore: no GPU power lever; keeping the original limits of %s for a later start",
+                sorted(data.gpus),
+            )
+            kept_gpus = dict(data.gpus)
+        else:
+            restored_now, kept_gpus = gpus.restore_records(dict(data.gpus))
+            restored += restored_now
     for pid_text, stopped in data.stopped.items():
         try:
             signals.cont(int(pid_text), stopped.start_ticks)
@@ -156,7 +199,8 @@ def restore_all(store: StateStore, backend: CgroupBackend | None, signals: Signa
         for group in backend.groups():  # also groups a crash left unrecorded or half-removed
             _remove(backend, group)
         _remove(backend, backend.subtree)
-    store.clear()
+    store.data = Imposed(gpus=kept_gpus)
+    store.save()
     return restored
 
 

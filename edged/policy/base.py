@@ -77,14 +77,31 @@ class ProcessView:
 
 
 @dataclass(frozen=True)
+class GpuView:
+    """What a strategy knows of one GPU whose power limit edged can set (NVML, as root).
+
+    Only GPUs the enforcer has a lever for are listed, so a strategy that sees none emits no
+    GPU action. ``min_limit_w``/``max_limit_w`` are the driver's constraints
+    (``nvmlDeviceGetPowerManagementLimitConstraints``); a limit outside them is refused.
+    """
+
+    uuid: str  # NVML UUID, the hw.id of the GPU's readings
+    power_w: float | None  # its draw on this tick (None: not read)
+    limit_w: float | None  # the power limit in force on this tick (None: not read)
+    min_limit_w: float
+    max_limit_w: float
+
+
+@dataclass(frozen=True)
 class Imposed:
     """Something edged has done and not yet undone (so a strategy can lift it)."""
 
     kind: ActionKind  # THROTTLE or FREEZE
-    pid: int
+    pid: int  # 0 for a GPU
     resource: Resource
     since_s: float
-    target: float | None = None  # the throttle level in force (bytes or cores)
+    target: float | None = None  # the throttle level in force (bytes, cores, or GPU watts)
+    gpu: str | None = None  # the GPU (UUID) whose power limit this is; None for a process
 
 
 @dataclass(frozen=True)
@@ -100,11 +117,18 @@ class State:
     pressure: Mapping[Resource, float] = field(default_factory=dict)  # PSI some avg10, 0..1
     imposed: tuple[Imposed, ...] = ()
     reaction_time_s: float = 0.05  # measured time from decision to effect (enforcer's figure)
+    gpus: tuple[GpuView, ...] = ()  # GPUs whose power limit the enforcer can lower
 
 
 @dataclass(frozen=True)
 class Action:
-    """One step of the ladder (or its undoing) on one process, with why."""
+    """One step of the ladder (or its undoing) on one process, with why.
+
+    A GPU power-limit step is ``Action(THROTTLE, pid=0, resource=POWER, gpu=<uuid>,
+    target=<limit in W>, klass=NORMAL)`` and its undoing ``Action(UNTHROTTLE, pid=0,
+    resource=POWER, gpu=<uuid>)``, which puts back the limit the GPU had before edged first
+    lowered it. ``klass`` means nothing for a GPU and is NORMAL.
+    """
 
     kind: ActionKind
     pid: int
@@ -113,9 +137,10 @@ class Action:
     strategy: str
     klass: ProcessClass
     start_ticks: int = 0  # the enforcer refuses to act if the pid now has another start time
-    target: float | None = None  # THROTTLE: the level to hold (bytes for memory, cores for CPU)
+    target: float | None = None  # THROTTLE: level to hold (bytes, cores, or W for a GPU)
     deadline_s: float | None = None  # NOTIFY: seconds the client has to comply
     detail: str = ""  # why this victim, for the log line
+    gpu: str | None = None  # a GPU power-limit action: the GPU's UUID (pid is then 0)
 
 
 class Strategy(Protocol):

@@ -1,7 +1,8 @@
 """The ``dynamic`` strategy: the current reading against soft and hard levels, with hysteresis.
 
 The baseline (kubelet soft/hard eviction, earlyoom), and the machinery the predictive strategy
-reuses. Per resource and per tick it emits at most one action, so it never mass-kills.
+reuses. Per resource and per tick it emits at most one action on a process, so it never
+mass-kills (power adds at most one action per GPU, see below).
 
 Memory
     at or above hard: SIGTERM the top victim (no hold: the OOM killer is near). If the same
@@ -23,6 +24,17 @@ Temperature, power
     above soft for ``thermal_hold_s`` (at hard: at once): hold the top CPU consumer to
     ``thermal_throttle_factor`` of its usage; tighten by the same factor every hold while still
     above, down to ``min_cores``; then freeze it.
+GPU power limits (power only; GPUs the enforcer has an NVML lever for, ``State.gpus``)
+    on the same trigger as the power ladder above (and at most once per ``thermal_hold_s``,
+    every tick at hard), besides the CPU step: the GPUs take the part of the overshoot over
+    ``soft * (1 - throttle_cushion)`` that they draw of the machine's power, shared among them
+    by their draw. Each GPU's limit goes to ``min(limit in force, its draw)`` minus its share,
+    never below the driver's minimum: a limit above the draw would hold nothing back. A change
+    of less than ``gpu_deadband_w`` is not written. While power stays above, the next step
+    lowers again from there. On recovery (the same hysteresis as the rest: below
+    ``soft * (1 - recover_margin)`` for ``recover_hold_s``, and each limit in force at least
+    that long) every GPU limit is lifted (UNTHROTTLE with ``gpu`` set), which puts the GPU's
+    original limit back. Actions: ``Action(THROTTLE, pid=0, POWER, gpu=uuid, target=W)``.
 Every freeze is lifted after ``freeze_max_s`` (THAW, reason ``freeze-limit``), and not renewed
 on the same process before ``freeze_after_s`` has passed.
 
@@ -54,6 +66,8 @@ Defaults, and why:
 ``thermal_throttle_factor`` 0.5      halve, then halve again: a few steps to any level
 ``growth_floor_bytes_per_s`` 1 MiB/s growth below this is allocator noise, not a leak
 ``growth_tau_s``            1 s      smoothing of per-process growth used for victim ranking
+``gpu_deadband_w``          5 W      a GPU power limit is rewritten only for a real change
+                                     (NVML limits move in whole watts; draw is noisy)
 =========================== ======== ===============================================================
 
 Settings come from ``[strategy.dynamic]``; an unknown key raises ValueError naming it. Values
@@ -69,7 +83,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from edged.config import parse_duration_s, parse_size_bytes
-from edged.policy.base import Action, ActionKind, Imposed, Limit, ProcessView, Resource, State
+from edged.policy.base import (
+    Action,
+    ActionKind,
+    GpuView,
+    Imposed,
+    Limit,
+    ProcessClass,
+    ProcessView,
+    Resource,
+    State,
+)
 from edged.policy.victims import (
     MIB,
     GrowthTracker,
@@ -96,6 +120,7 @@ DYNAMIC_DEFAULTS: Mapping[str, float] = {
     "thermal_throttle_factor": 0.5,
     "growth_floor_bytes_per_s": 1.0 * MIB,
     "growth_tau_s": 1.0,
+    "gpu_deadband_w": 5.0,
 }
 
 # the order resources are looked at each tick (memory first: it is the one that kills machines)
@@ -195,6 +220,10 @@ class DynamicStrategy:
         self._sent: dict[tuple[ActionKind, int, Resource], tuple[ActionKind, float, float | None]]
         self._sent = {}
         self._last_thaw_s: dict[tuple[int, Resource], float] = {}
+        # GPU power limits sent lately, until state.imposed shows them: uuid -> (kind, time,
+        # target W), and when the GPU ladder last stepped
+        self._gpu_sent: dict[str, tuple[ActionKind, float, float | None]] = {}
+        self._gpu_last_step_s = -math.inf
         self._now_s = -math.inf  # the tick being decided (from state.now_s, never a clock)
 
     # ---------------------------------------------------------------- hooks for subclasses
@@ -218,7 +247,7 @@ class DynamicStrategy:
     # ---------------------------------------------------------------- the tick
 
     def decide(self, state: State) -> list[Action]:
-        """At most one action per resource for this tick."""
+        """At most one process action per resource for this tick, plus GPU power limits."""
         self._now_s = state.now_s
         self._observe(state)
         self._expire_sent(state)
@@ -231,6 +260,7 @@ class DynamicStrategy:
             action = self._decide_resource(state, resource, present)
             if action is not None:
                 actions.append(action)
+        actions.extend(self._gpu_power_step(state))
         return actions
 
     def _decide_resource(
@@ -495,6 +525,141 @@ class DynamicStrategy:
                 )
         return None
 
+    # ---------------------------------------------------------------- GPU power limits
+
+    def _gpu_power_step(self, state: State) -> list[Action]:
+        """Lower GPU power limits while power is over its limit; lift them once it has
+        recovered. Runs after ``_decide_resource(POWER)``, whose timers it reads."""
+        s = self.settings
+        held = self._gpus_in_force(state)
+        if not state.gpus and not held:
+            return []
+        usage = state.usage.get(Resource.POWER)
+        limit = state.limits.get(Resource.POWER)
+        if usage is None:
+            return []
+        track = self._tracks[Resource.POWER]
+        soft = None if limit is None else (limit.soft if limit.soft is not None else limit.hard)
+        if limit is not None and soft is not None:
+            at_hard = limit.hard is not None and usage >= limit.hard
+            reason = "hard" if at_hard else self._soft_trigger(state, Resource.POWER, usage, limit)
+            if reason:
+                spacing_s = state.interval_s if at_hard else s["thermal_hold_s"]
+                if state.now_s - self._gpu_last_step_s < spacing_s - 1e-9:
+                    return []
+                actions = self._gpu_lower(state, usage, soft, reason, held)
+                if actions:
+                    self._gpu_last_step_s = state.now_s
+                return actions
+        hold_s = s["recover_hold_s"]
+        if track.below_since_s is None or state.now_s - track.below_since_s < hold_s - 1e-9:
+            return []
+        low_s = state.now_s - track.below_since_s
+        return [
+            self._gpu_action(
+                ActionKind.UNTHROTTLE,
+                uuid,
+                "recovered",
+                detail=f"power below soft minus {s['recover_margin']:.0%} for {low_s:.1f} s: "
+                "original limit back",
+            )
+            for uuid, (since_s, _) in sorted(held.items())
+            if state.now_s - since_s >= hold_s - 1e-9
+        ]
+
+    def _gpu_lower(
+        self,
+        state: State,
+        usage: float,
+        soft: float,
+        reason: str,
+        held: Mapping[str, tuple[float, float | None]],
+    ) -> list[Action]:
+        """The GPUs' share of the overshoot, split by draw (see the module docstring)."""
+        s = self.settings
+        drawing = [g for g in state.gpus if g.power_w is not None and g.power_w > 0]
+        gpu_draw_w = sum(g.power_w or 0.0 for g in drawing)
+        overshoot_w = max(0.0, usage - soft * (1.0 - s["throttle_cushion"]))
+        if gpu_draw_w <= 0 or overshoot_w <= 0 or usage <= 0:
+            return []
+        gpu_cut_w = overshoot_w * min(1.0, gpu_draw_w / usage)
+        actions = []
+        for gpu in drawing:
+            assert gpu.power_w is not None
+            current_w = self._gpu_current_w(gpu, held)
+            cut_w = gpu_cut_w * gpu.power_w / gpu_draw_w
+            target_w = max(gpu.min_limit_w, min(current_w, gpu.power_w) - cut_w)
+            if target_w > current_w - s["gpu_deadband_w"]:
+                continue  # at its minimum already, or too small a change to write
+            actions.append(
+                self._gpu_action(
+                    ActionKind.THROTTLE,
+                    gpu.uuid,
+                    reason,
+                    target=target_w,
+                    detail=f"power {usage:.1f} W vs soft {soft:.1f} W; GPU draws "
+                    f"{gpu.power_w:.1f} W: limit {current_w:.0f} -> {target_w:.0f} W "
+                    f"(takes {cut_w:.1f} W of {overshoot_w:.1f} W over; min "
+                    f"{gpu.min_limit_w:.0f} W)",
+                )
+            )
+        return actions
+
+    @staticmethod
+    def _gpu_current_w(gpu: GpuView, held: Mapping[str, tuple[float, float | None]]) -> float:
+        """The limit in force: what edged set, else the GPU's reading, else its maximum."""
+        target = held.get(gpu.uuid, (0.0, None))[1]
+        if target is not None:
+            return target
+        return gpu.limit_w if gpu.limit_w is not None else gpu.max_limit_w
+
+    def _gpus_in_force(self, state: State) -> dict[str, tuple[float, float | None]]:
+        """uuid -> (since_s, target W) of the GPU limits in force: ``state.imposed`` corrected
+        by what this strategy sent and the enforcer has not reported yet."""
+        out: dict[str, tuple[float, float | None]] = {}
+        reported: set[str] = set()
+        for imposed in state.imposed:
+            if imposed.gpu is not None and imposed.kind is ActionKind.THROTTLE:
+                out[imposed.gpu] = (imposed.since_s, imposed.target)
+                reported.add(imposed.gpu)
+        ttl_s = max(3 * state.interval_s, 1.0)
+        kept = {}
+        for uuid, (sent, sent_s, target) in self._gpu_sent.items():
+            done = (uuid in reported) == (sent is ActionKind.THROTTLE)
+            if done and sent is ActionKind.THROTTLE:
+                done = out[uuid][1] == target
+            if done or state.now_s - sent_s >= ttl_s:
+                continue
+            kept[uuid] = (sent, sent_s, target)
+            if sent is ActionKind.THROTTLE:
+                out[uuid] = (out[uuid][0] if uuid in out else sent_s, target)
+            else:
+                out.pop(uuid, None)
+        self._gpu_sent = kept
+        return out
+
+    def _gpu_action(
+        self,
+        kind: ActionKind,
+        uuid: str,
+        reason: str,
+        *,
+        target: float | None = None,
+        detail: str = "",
+    ) -> Action:
+        self._gpu_sent[uuid] = (kind, self._now_s, target)
+        return Action(
+            kind=kind,
+            pid=0,
+            resource=Resource.POWER,
+            reason=reason,
+            strategy=self.name,
+            klass=ProcessClass.NORMAL,
+            target=target,
+            detail=detail,
+            gpu=uuid,
+        )
+
     # ---------------------------------------------------------------- bookkeeping
 
     def _hold_s(self, resource: Resource) -> float:
@@ -512,6 +677,8 @@ class DynamicStrategy:
         the enforcer last reported."""
         out: dict[int, tuple[float, float | None]] = {}
         for imposed in state.imposed:
+            if imposed.gpu is not None:
+                continue  # GPU limits: see _gpus_in_force
             if imposed.kind is kind and (resource is None or imposed.resource is resource):
                 out[imposed.pid] = (imposed.since_s, imposed.target)
         for (family, pid, res), (sent, sent_s, target) in self._sent.items():
@@ -528,7 +695,7 @@ class DynamicStrategy:
         """Forget sent actions once the enforcer has had time to report them in ``imposed``."""
         ttl_s = max(3 * state.interval_s, 1.0)
         imposed: set[tuple[ActionKind, int, Resource]] = {
-            (i.kind, i.pid, i.resource) for i in state.imposed
+            (i.kind, i.pid, i.resource) for i in state.imposed if i.gpu is None
         }
         kept = {}
         for key, (sent, sent_s, target) in self._sent.items():
@@ -569,15 +736,16 @@ def apply_to_imposed(
 ) -> tuple[Imposed, ...]:
     """What an obedient enforcer would report in ``State.imposed`` after applying ``actions``
     at ``now_s``: for trace replays (tests, bench) that close the loop without an enforcer."""
-    current = {(i.kind, i.pid, i.resource): i for i in imposed}
+    current = {(i.kind, i.pid, i.resource, i.gpu): i for i in imposed}
     for action in actions:
         if action.kind in (ActionKind.THROTTLE, ActionKind.FREEZE):
-            old = current.get((action.kind, action.pid, action.resource))
+            key = (action.kind, action.pid, action.resource, action.gpu)
+            old = current.get(key)
             since_s = old.since_s if old is not None else now_s
-            current[(action.kind, action.pid, action.resource)] = Imposed(
-                action.kind, action.pid, action.resource, since_s, action.target
+            current[key] = Imposed(
+                action.kind, action.pid, action.resource, since_s, action.target, action.gpu
             )
         elif action.kind in (ActionKind.UNTHROTTLE, ActionKind.THAW):
             family = _FAMILY[action.kind]
-            current.pop((family, action.pid, action.resource), None)
+            current.pop((family, action.pid, action.resource, action.gpu), None)
     return tuple(current.values())

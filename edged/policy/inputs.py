@@ -10,7 +10,15 @@ import os
 from collections.abc import Iterable, Mapping
 
 from edged.config import Level, Limits, parse_size_bytes
-from edged.policy.base import Imposed, Limit, ProcessClass, ProcessView, Resource, State
+from edged.policy.base import (
+    GpuView,
+    Imposed,
+    Limit,
+    ProcessClass,
+    ProcessView,
+    Resource,
+    State,
+)
 from edged.snapshot import AttrValue, Reading, Snapshot
 
 _BUSY_EXCLUDED = ("idle", "iowait")  # iowait is waiting, not computing
@@ -147,6 +155,27 @@ def process_views(
     return tuple(views)
 
 
+def gpu_views(
+    snapshot: Snapshot, constraints_w: Mapping[str, tuple[float, float]] | None
+) -> tuple[GpuView, ...]:
+    """One view per GPU the enforcer can set a power limit on (``constraints_w``: UUID ->
+    (min, max) W, from the NVML lever), with its draw and limit from this snapshot's NVML
+    readings (``hw.power`` with hw.type=gpu, ``hw.gpu.power.limit``, keyed by hw.id)."""
+    if not constraints_w:
+        return ()
+    power: dict[str, float] = {}
+    limit: dict[str, float] = {}
+    for r in snapshot.readings:
+        if r.metric == "hw.power" and r.attributes.get("hw.type") == "gpu":
+            power[str(r.attributes.get("hw.id"))] = r.value
+        elif r.metric == "hw.gpu.power.limit":
+            limit[str(r.attributes.get("hw.id"))] = r.value
+    return tuple(
+        GpuView(uuid, power.get(uuid), limit.get(uuid), low_w, high_w)
+        for uuid, (low_w, high_w) in sorted(constraints_w.items())
+    )
+
+
 def build_state(
     snapshot: Snapshot,
     limits: Limits,
@@ -157,6 +186,7 @@ def build_state(
     reaction_time_s: float = 0.05,
     groups: Mapping[int, str] | None = None,
     self_pid: int | None = None,
+    gpu_constraints_w: Mapping[str, tuple[float, float]] | None = None,
 ) -> State:
     usage, capacity, pressure = machine_usage(snapshot, limits.temperature.zone)
     return State(
@@ -169,4 +199,5 @@ def build_state(
         pressure=pressure,
         imposed=imposed,
         reaction_time_s=reaction_time_s,
+        gpus=gpu_views(snapshot, gpu_constraints_w),
     )
