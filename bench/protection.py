@@ -469,9 +469,11 @@ def start_daemon(name: str, workdir: Path, src: Path, threshold_bytes: int) -> D
     else:
         raise BenchError(f"unknown daemon {name}")
     with log.open("wb") as out:
+        # setpriv --pdeathsig: the daemon gets SIGTERM if the harness dies
         proc = subprocess.Popen(
-            argv, cwd=src, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
-        )
+            ["setpriv", "--pdeathsig", "TERM", *argv], cwd=src, env=env,
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
     daemon = Daemon(name, proc, log, sock if name.startswith("edged-") else None)
     try:
         wait_for_log(log, marker, proc, 30)
