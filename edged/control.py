@@ -54,6 +54,7 @@ class Controller:
     limits: Limits
     on_event: Callable[[Event], None] = lambda event: None
     events_capacity: int = 1000
+    scoped: bool = False  # [scope] cgroup set: memory and CPU are the governed group's
 
     def __post_init__(self) -> None:
         self.events: deque[Event] = deque(maxlen=self.events_capacity)
@@ -77,6 +78,7 @@ class Controller:
             start_ticks,
             imposed=tuple(self.imposed.values()),
             reaction_time_s=self.enforcer.reaction_time_s,
+            scoped=self.scoped,
         )
         self.last_state = state
         actions = self.strategy.decide(state)
