@@ -259,7 +259,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         if "cpu_cores" in scope:
             line += f", cpu {scope['cpu_cores']:.2f} of {scope.get('cpu_limit_cores', 0):g} cores"
         if "processes" in scope:
-            line += f", {scope['processes']} processes"
+            count = scope["processes"]
+            line += f", {count} process{'' if count == 1 else 'es'}"
         print(line)
     failing = [s for s in result.get("sources", []) if s["status"] != "ok"]
     for s in failing:

@@ -175,6 +175,15 @@ def test_edged_governs_only_its_cgroup(tmp_path: Path, group: Group) -> None:
         usage = next(r for r in printed["readings"] if r["metric"] == "edged.scope.memory.usage")
         assert abs(usage["value"] - idle) < 32 * MiB, usage
         assert daemon.call("events", {"since": 0})["events"] == []  # idle group: nothing
+        text = subprocess.run(
+            [sys.executable, "-m", "edged", "status", "--socket", str(daemon.socket_path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+        assert f"scope /{group.name}: memory used " in text, text
+        assert ", 1 process" in text, text
 
         for child in (hog, outsider):
             assert child.stdin is not None
