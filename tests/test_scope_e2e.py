@@ -239,3 +239,25 @@ def test_v1_members_follow_processes_in_and_out_of_a_real_group(group: Group) ->
     (ROOT / "memory" / "cgroup.procs").write_text(str(child.pid))  # out to the root
     assert members.pids() == set()
     members.close()
+
+
+def test_a_group_removed_and_made_again_is_read_again(group: Group) -> None:
+    """A container restarted: its group vanishes (the scope source fails, it does not fall back
+    to anything) and comes back under the same path (read again from the next tick)."""
+    from edged.sensors.base import Roots, SensorError
+    from edged.sensors.scope import open_scope
+
+    sensor, members = open_scope(Roots(), f"/{group.name}")
+    assert "edged.scope.memory.usage" in {r.metric for r in sensor.read()}
+    for c in CONTROLLERS:
+        group.dir(c).rmdir()
+    with pytest.raises(SensorError, match="is gone"):
+        sensor.read()
+    with pytest.raises(SensorError, match="is gone"):
+        members.pids()
+    for c in CONTROLLERS:
+        group.dir(c).mkdir()
+    assert "edged.scope.memory.usage" in {r.metric for r in sensor.read()}
+    assert members.pids() == set()
+    sensor.close()
+    members.close()

@@ -306,13 +306,21 @@ class ScopeSensor(Sensor):
                 if raw != b"max":
                     limits.append(int(raw))
         except OSError as exc:
-            if exc.errno in _GONE:
-                raise SensorError(self.name, f"cgroup {self.group.path} is gone") from exc
+            self._if_gone(exc)
             raise
         working_set = max(0, charged - stat.get(self._inactive_key, 0))
         if self.mem_total_bytes is not None:
             limits.append(self.mem_total_bytes)
         return float(working_set), float(min(limits)) if limits else None
+
+    def _if_gone(self, exc: OSError) -> None:
+        """Raise SensorError if ``exc`` says the group was removed. A removed group fails every
+        kept descriptor (ENODEV); all are closed at once, so the first read after the group
+        is back (a container restarted) reopens them all instead of failing on one stale
+        file a tick."""
+        if exc.errno in _GONE:
+            self.close()
+            raise SensorError(self.name, f"cgroup {self.group.path} is gone") from exc
 
     def _cpu_seconds(self) -> float | None:
         if self._cpu_time is None:
@@ -348,8 +356,7 @@ class ScopeSensor(Sensor):
             cpu_limit = self._cpu_limit_cores() if self._cpu_limits else float(self.cpu_count)
             psi = [(r, parse_psi_some(f.read_bytes())) for r, f in self._pressure]
         except OSError as exc:
-            if exc.errno in _GONE:
-                raise SensorError(self.name, f"cgroup {self.group.path} is gone") from exc
+            self._if_gone(exc)
             raise
         now_s = self._clock()
         out = [Reading("edged.scope.memory.usage", working_set, self._attrs)]
