@@ -395,9 +395,10 @@ class ScopeMembers:
     group). :meth:`pids` raises :class:`SensorError` when ``top`` itself is gone.
 
     ``keep_open``: read each ``cgroup.procs`` with ``pread`` on a kept descriptor (v2, whose
-    file restarts its task walk at offset 0). A v1 ``cgroup.procs`` caches its pid list per
-    open file and a ``pread`` at 0 returns the stale list (seen on this project's 6.18 kernel:
-    a process added after the first read never shows), so v1 opens the file for every read.
+    file restarts its task walk at offset 0: checked on the 6.18 kernel's v2 mount). A v1
+    ``cgroup.procs`` caches its pid list per open file and a ``pread`` at 0 returns the stale
+    list (same kernel: a process added after the first read never shows), so v1 opens the
+    file for every read.
     """
 
     def __init__(self, top: Path, keep_open: bool = True) -> None:
