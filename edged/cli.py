@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     sensors = sub.add_parser("sensors", help="discover and read every sensor once")
     sensors.add_argument("--root", help="read DIR/proc, DIR/sys and DIR/etc instead")
     sensors.add_argument("--json", action="store_true", help="machine-readable output")
+    sensors.add_argument(
+        "--scope", metavar="CGROUP", help="also read this cgroup as [scope] cgroup would"
+    )
 
     check = sub.add_parser("check-config", help="validate and print the effective config")
     check.add_argument("--config", help="config file (default /etc/edged/edged.toml)")
@@ -110,12 +113,27 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_sensors(args: argparse.Namespace) -> int:
     from edged.sampler import Sampler
-    from edged.sensors import Roots, discover_all
+    from edged.sensors import Roots, Sensor, discover_all
 
     # failures are in the table below (and in --json); no log lines on top of them
     logging.basicConfig(level=logging.ERROR, format="edged: %(message)s")
     roots = Roots.under(args.root) if args.root else Roots()
+    scope: Sensor | None = None
+    if args.scope:
+        from edged.sensors.scope import ScopeSensor, resolve
+
+        try:
+            config_mod.Scope(cgroup=args.scope)
+            scope = ScopeSensor(resolve(roots.sys, args.scope), roots)
+        except (ValueError, config_mod.ConfigError) as exc:
+            print(f"edged: --scope: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     sensors, discovered = discover_all(roots)
+    if scope is not None:
+        from edged.snapshot import SourceStatus
+
+        sensors.append(scope)
+        discovered.append(SourceStatus(scope.name, "ok", scope.describe()))
     sampler = Sampler(sensors)
     sampler.tick()  # sources that need two reads (utilization, power from energy) get them
     time.sleep(0.2)
@@ -232,6 +250,20 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(
             f"  memory used {used / 2**30:.2f} GiB of {total / 2**30:.2f} GiB ({used / total:.0%})"
         )
+    scope = result.get("scope")
+    if scope is not None:
+        line = f"  scope {scope['cgroup']}:"
+        if "memory_used_bytes" in scope:
+            line += f" memory used {scope['memory_used_bytes'] / 2**20:.0f} MiB"
+            if scope.get("memory_limit_bytes"):
+                limit = scope["memory_limit_bytes"]
+                line += f" of {limit / 2**20:.0f} MiB ({scope['memory_used_bytes'] / limit:.0%})"
+        if "cpu_cores" in scope:
+            line += f", cpu {scope['cpu_cores']:.2f} of {scope.get('cpu_limit_cores', 0):g} cores"
+        if "processes" in scope:
+            count = scope["processes"]
+            line += f", {count} process{'' if count == 1 else 'es'}"
+        print(line)
     failing = [s for s in result.get("sources", []) if s["status"] != "ok"]
     for s in failing:
         print(f"  source {s['name']}: {s['status']} {s['detail']}")

@@ -237,6 +237,31 @@ class Alerts(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     def critical_for_s(self) -> float:
         return parse_duration_s(self.critical_for)
 
+class Scope(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The part of the machine edged governs: ``cgroup`` is a cgroup path as
+    ``/proc/PID/cgroup`` writes it (``/system.slice/foo.service``, ``/bench``); empty means the
+    whole machine. Whether the group exists is checked when the daemon starts, not here (a
+    config may be checked on another machine)."""
+
+    cgroup: str = ""
+
+    def __post_init__(self) -> None:
+        path = self.cgroup
+        if not path:
+            return
+        if not path.startswith("/"):
+            raise ValueError(f"cgroup: must be an absolute path such as '/bench'; got {path!r}")
+        parts = path.strip("/").split("/")
+        if path.strip("/") == "":
+            raise ValueError("cgroup: '/' is the root group; leave it empty for the whole machine")
+        if any(part in ("", ".", "..") for part in parts) or any(c in path for c in "\0\n"):
+            raise ValueError(f"cgroup: not a plain cgroup path (no '.', '..', '//'): {path!r}")
+
+    @property
+    def path(self) -> str:
+        """The group path without a trailing slash ("" for the whole machine)."""
+        return "/" + self.cgroup.strip("/") if self.cgroup else ""
+
 
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     sampling: Sampling = msgspec.field(default_factory=Sampling)
@@ -247,6 +272,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     telemetry: Telemetry = msgspec.field(default_factory=Telemetry)
     enforce: Enforce = msgspec.field(default_factory=Enforce)
     alerts: Alerts = msgspec.field(default_factory=Alerts)
+    scope: Scope = msgspec.field(default_factory=Scope)
     root: str = ""  # prefix for /proc, /sys, /etc (tests and `--root`); empty: the real ones
 
 

@@ -68,6 +68,7 @@ class Controller:
     on_event: Callable[[Event], None] = lambda event: None
     events_capacity: int = 1000
     alerts: AlertTracker = field(default_factory=AlertTracker)
+    scoped: bool = False  # [scope] cgroup set: memory and CPU are the governed group's
 
     def __post_init__(self) -> None:
         self.events: deque[Event] = deque(maxlen=self.events_capacity)
@@ -98,6 +99,7 @@ class Controller:
             imposed=tuple(self.imposed.values()),
             reaction_time_s=self.enforcer.reaction_time_s,
             gpu_constraints_w=lever.constraints_w() if lever is not None else None,
+            scoped=self.scoped,
         )
         self.last_state = state
         self._clock = (snapshot.monotonic_s, snapshot.time_unix_ns)

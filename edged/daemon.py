@@ -24,8 +24,9 @@ from edged import __version__
 from edged import config as config_mod
 from edged.history import History
 from edged.sampler import Sampler
-from edged.sensors import Roots, Sensor, discover_all
+from edged.sensors import Roots, Sensor, SensorError, discover_all
 from edged.sensors.processes import ProcessSensor
+from edged.sensors.scope import ScopeSensor, open_scope
 from edged.server import protocol
 from edged.server.server import Peer, Server, bind_unix_socket, default_socket_path
 from edged.snapshot import Snapshot, SourceStatus
@@ -85,6 +86,9 @@ class Daemon:
         self._processes: ProcessSensor | None = None
         self.controller: Controller | None = None
         self._memory_reader: Sensor | None = None
+        # [scope] cgroup is fixed for the run: edged's own groups are placed inside it
+        self.scope_path = config.scope.path
+        self._scope: ScopeSensor | None = None
         self._restore: Any = None  # () -> int: lifts everything edged imposed
         self._gpu_lever: Any = None  # edged.enforce.nvml.GpuPowerLever, as root with a GPU
         self.fast_interval_s = FAST_INTERVAL_S
@@ -98,12 +102,22 @@ class Daemon:
     # ---- set-up -------------------------------------------------------------------------
 
     def _build_sampler(self) -> Sampler:
+        """Discover the sensors (and open the scope). Raises ConfigError, before anything is
+        opened, when ``[scope] cgroup`` names a group this machine does not have."""
+        scope, members = (
+            open_scope(self.roots, self.scope_path) if self.scope_path else (None, None)
+        )
         sensors, statuses = discover_all(self.roots)
+        if scope is not None:
+            sensors.append(scope)
+            statuses.append(SourceStatus(scope.name, "ok", scope.describe()))
+        self._scope = scope
         self._processes = ProcessSensor(
             self.roots,
             self.config.rules,
             mode=self.config.sampling.processes,
             rescan_s=self.config.sampling.rescan_s,
+            members=members,
         )
         sensors.append(self._processes)
         statuses.append(SourceStatus("processes", "ok"))
@@ -157,8 +171,13 @@ class Daemon:
         cfg = self.config
         strategy = make_strategy(cfg.strategy.name, getattr(cfg.strategy, cfg.strategy.name))
         backend = None
+        # with a scope, edged's own groups go inside the governed group, so a throttled or
+        # frozen victim stays in it (its usage still counts, it is still a member)
+        subtree = f"{self.scope_path.strip('/')}/edged" if self.scope_path else "edged"
         if cfg.enforce.backend in ("auto", "cgroupfs") and os.geteuid() == 0:
-            backend = detect(self.roots.sys / "fs" / "cgroup", proc=self.roots.proc)
+            backend = detect(
+                self.roots.sys / "fs" / "cgroup", subtree=subtree, proc=self.roots.proc
+            )
             if backend is None:
                 log.warning("no writable cgroup hierarchy: enforcing with signals only")
         elif cfg.enforce.backend == "systemd":
@@ -190,12 +209,15 @@ class Daemon:
             gpus=lever,
         )
         alerts = AlertTracker(cfg.alerts.for_s, cfg.alerts.critical_for_s)
-        self.controller = Controller(strategy, enforcer, cfg.limits, alerts=alerts)
+        self.controller = Controller(
+            strategy, enforcer, cfg.limits, alerts=alerts, scoped=bool(self.scope_path)
+        )
         log.info(
-            "strategy %s, enforcing with %s%s%s",
+            "strategy %s, enforcing with %s%s%s%s",
             strategy.name,
             type(backend).__name__ if backend else "signals",
             f" and the power limits of {len(lever.constraints_mw)} GPUs" if lever else "",
+            f" on cgroup {self.scope_path}" if self.scope_path else "",
             " (dry run: acting on nothing)" if enforcer.dry_run else "",
         )
 
@@ -229,9 +251,16 @@ class Daemon:
         return Path(base) / "edged"
 
     def _reread(self, resource: Any) -> float | None:
-        """A fresh read of a resource right before acting (the enforcer's re-check)."""
+        """A fresh read of a resource right before acting (the enforcer's re-check): the
+        governed cgroup's working set with a scope, else MemTotal - MemAvailable."""
         from edged.policy.base import Resource
 
+        if resource is Resource.MEMORY and self._scope is not None:
+            try:
+                return self._scope.memory()[0]
+            except (OSError, ValueError, SensorError) as exc:
+                log.debug("re-read of the scope's memory failed: %s", exc)
+                return None
         if resource is Resource.MEMORY and self._memory_reader is not None:
             try:
                 readings = {r.metric: r.value for r in self._memory_reader.read()}
@@ -272,8 +301,8 @@ class Daemon:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._request_stop)
         loop.add_signal_handler(signal.SIGHUP, self._request_reload)
-        self._sampler = self._build_sampler()
         try:
+            self._sampler = self._build_sampler()
             self._start_controller()
             self._start_telemetry()
         except config_mod.ConfigError as exc:  # TelemetryError: an OTEL_* value, a busy port
@@ -361,7 +390,12 @@ class Daemon:
         if self.controller is not None and self._processes is not None:
             from edged.control import policy_readings
 
-            start_ticks = {pid: w.info.start_ticks for pid, w in self._processes.watched.items()}
+            members = self._processes.in_scope  # None: no scope, every watched process
+            start_ticks = {
+                pid: w.info.start_ticks
+                for pid, w in self._processes.watched.items()
+                if members is None or pid in members
+            }
             self.controller.step(snapshot, self.config.sampling.interval_s, start_ticks)
             extra = tuple(policy_readings(self.controller, self._forecasts()))
             snapshot = msgspec.structs.replace(snapshot, readings=snapshot.readings + extra)
@@ -404,17 +438,24 @@ class Daemon:
         old = self.config
         self.config = new
         if new.sampling != old.sampling or new.rules != old.rules or new.root != old.root:
-            if self._sampler is not None:
-                self._sampler.close()
+            old_sampler, old_roots = self._sampler, self.roots
             self.roots = roots_of(new)
-            self._sampler = self._build_sampler()
+            try:
+                self._sampler = self._build_sampler()
+            except config_mod.ConfigError as exc:  # the governed group is gone
+                log.error("reload refused, keeping the running configuration: %s", exc)
+                self.config, self.roots = old, old_roots
+                self.notifier.ready("reload refused: bad configuration")
+                return
+            if old_sampler is not None:
+                old_sampler.close()
             if self._history_capacity(new) != self.history.capacity:
                 self.history = History(self._history_capacity(new))
         if new.alerts != old.alerts and self.controller is not None:
             # pending alerts are held against the new times from the next tick on
             self.controller.alerts.for_s = new.alerts.for_s
             self.controller.alerts.critical_for_s = new.alerts.critical_for_s
-        for section in ("telemetry", "server"):
+        for section in ("telemetry", "server", "scope"):
             if getattr(new, section) != getattr(old, section):
                 log.warning("[%s] changes take effect at the next restart", section)
         log.info("configuration reloaded")
@@ -475,7 +516,7 @@ class Daemon:
             if total is not None and available is not None:
                 usage["memory_used_bytes"] = total - available
                 usage["memory_total_bytes"] = total
-        return {
+        result: dict[str, Any] = {
             "version": __version__,
             "health": self._health(),
             "strategy": self.config.strategy.name,
@@ -490,6 +531,26 @@ class Daemon:
             "clients": len(self.server.clients),
             "alerts": self.controller.alert_status() if self.controller is not None else [],
         }
+        if self.scope_path:
+            result["scope"] = self._scope_status(snap)
+        return result
+
+    def _scope_status(self, snap: Snapshot | None) -> dict[str, Any]:
+        """The governed cgroup's figures from the latest snapshot (absent ones left out)."""
+        out: dict[str, Any] = {"cgroup": self.scope_path}
+        names = {
+            "edged.scope.memory.usage": "memory_used_bytes",
+            "edged.scope.memory.limit": "memory_limit_bytes",
+            "edged.scope.cpu.usage": "cpu_cores",
+            "edged.scope.cpu.limit": "cpu_limit_cores",
+        }
+        for metric, key in names.items():
+            value = snap.value(metric) if snap is not None else None
+            if value is not None:
+                out[key] = value
+        if self._processes is not None and self._processes.in_scope is not None:
+            out["processes"] = len(self._processes.in_scope)
+        return out
 
     def _health(self) -> str:
         if self.controller is None:

@@ -79,6 +79,35 @@ _SPECS = [
         "Share of one CPU a process used over the last tick, by mode",
     ),
     MetricSpec("edged.pressure", Kind.GAUGE, "1", "PSI 'some' average, as a share of time"),
+    # [scope] cgroup: the governed group, attribute edged.scope = its cgroup path
+    MetricSpec(
+        "edged.scope.memory.usage",
+        Kind.UPDOWN,
+        "By",
+        "Working set of the governed cgroup: charged memory minus inactive file cache",
+    ),
+    MetricSpec(
+        "edged.scope.memory.limit",
+        Kind.UPDOWN,
+        "By",
+        "Memory limit of the governed cgroup (its own and its ancestors'), at most MemTotal",
+    ),
+    MetricSpec("edged.scope.cpu.time", Kind.COUNTER, "s", "CPU seconds the governed cgroup used"),
+    MetricSpec(
+        "edged.scope.cpu.usage", Kind.GAUGE, "{cpu}", "CPUs the governed cgroup used over a tick"
+    ),
+    MetricSpec(
+        "edged.scope.cpu.limit",
+        Kind.GAUGE,
+        "{cpu}",
+        "CPU limit of the governed cgroup (CFS quota / period), at most the CPU count",
+    ),
+    MetricSpec(
+        "edged.scope.pressure",
+        Kind.GAUGE,
+        "1",
+        "PSI 'some' average of the governed cgroup, as a share of time",
+    ),
     MetricSpec("edged.tick.duration", Kind.HISTOGRAM, "s", "Cost of one sampling tick"),
     MetricSpec("edged.health", Kind.GAUGE, "1", "1 for the current health level, 0 for the others"),
     MetricSpec(

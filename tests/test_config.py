@@ -73,6 +73,12 @@ def test_precedence_file_dropin_env_flags(tmp_path: Path) -> None:
         ("[alerts]\nfor = true\n", "alerts.for", "Expected"),
         ('[alerts]\ncritical_for = "-1s"\n', "alerts", "critical_for: expected a duration"),
         ("[alerts]\nfour = 1\n", "alerts.four", "unknown key"),
+        ('[scope]\ncgroup = "bench"\n', "scope", "absolute path"),
+        ('[scope]\ncgroup = "/"\n', "scope", "leave it empty"),
+        ('[scope]\ncgroup = "/a/../b"\n', "scope", "plain cgroup path"),
+        ('[scope]\ncgroup = "/a//b"\n', "scope", "plain cgroup path"),
+        ("[scope]\ncgroup = 5\n", "scope.cgroup", "Expected `str`"),
+        ('[scope]\npath = "/bench"\n', "scope.path", "unknown key"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path: Path, text: str, key: str, fragment: str) -> None:
@@ -185,5 +191,17 @@ def test_the_shipped_example_config_is_valid_and_matches_the_defaults() -> None:
         default.alerts.for_s,
         default.alerts.critical_for_s,
     )
+    assert config.scope == default.scope
     assert config.limits == cfg.Config().limits
     assert config.telemetry.prometheus == cfg.Config().telemetry.prometheus
+
+
+@pytest.mark.parametrize(
+    ("value", "path"),
+    [("", ""), ("/bench", "/bench"), ("/system.slice/foo.service/", "/system.slice/foo.service")],
+)
+def test_scope_cgroup(tmp_path: Path, value: str, path: str) -> None:
+    config = cfg.load(write(tmp_path / "edged.toml", f'[scope]\ncgroup = "{value}"\n'), environ={})
+    assert config.scope.path == path
+    from_env = cfg.load(None, environ={"EDGED_SCOPE_CGROUP": value or '""'})
+    assert from_env.scope.path == path

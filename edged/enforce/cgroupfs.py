@@ -228,7 +228,15 @@ class CgroupV1(_Base):
         backstop_min_bytes: int = 64 * MiB,
     ) -> None:
         super().__init__(root, subtree, proc)
-        self.controllers = tuple(c for c in V1_CONTROLLERS if (root / c / "cgroup.procs").exists())
+        # A controller is used where its tree has the subtree's parent: the root for the default
+        # "edged", the governed group for a scope ("bench/edged"). edged never creates groups
+        # outside its subtree, so a scope that exists only in some trees uses only those.
+        parent = self.subtree.rpartition("/")[0]
+        self.controllers = tuple(
+            c
+            for c in V1_CONTROLLERS
+            if (root / c / "cgroup.procs").exists() and (root / c / parent).is_dir()
+        )
         self.can_freeze = "freezer" in self.controllers
         self.backstop_fraction = backstop_fraction
         self.backstop_min_bytes = backstop_min_bytes

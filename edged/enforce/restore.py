@@ -195,7 +195,10 @@ def restore_all(
         log.warning("restore: no cgroup backend; forgetting groups %s", sorted(data.groups))
     if backend is not None:
         for group, record in data.groups.items():
-            restored += _restore_group(backend, group, record)
+            try:
+                restored += _restore_group(backend, group, record)
+            except CgroupError as exc:  # e.g. a group under another [scope] than this run's
+                log.warning("restore: cannot restore %s: %s", group, exc)
         for group in backend.groups():  # also groups a crash left unrecorded or half-removed
             _remove(backend, group)
         _remove(backend, backend.subtree)

@@ -2,6 +2,11 @@
 
 Resolving limits needs the machine's totals ("90%" of MemTotal, "50%" of the CPUs), which come
 from the snapshot, so this is done per tick (cheaply) rather than once at load.
+
+With a scope (``[scope] cgroup``), memory and CPU are the governed group's: its working set
+against its limit (MemTotal when it has none), its CPU use against its quota (the CPU count
+when it has none), and its PSI where the kernel keeps PSI per group (the machine's otherwise).
+GPU memory, power and temperature have no per-group figure and stay the machine's.
 """
 
 from __future__ import annotations
@@ -114,6 +119,36 @@ def machine_usage(
     return usage, capacity, pressure
 
 
+SCOPED_RESOURCES = (Resource.MEMORY, Resource.CPU)
+
+
+def scope_usage(
+    snapshot: Snapshot,
+) -> tuple[dict[Resource, float], dict[Resource, float], dict[Resource, float]]:
+    """(usage, capacity, pressure) of the governed cgroup, from its ``edged.scope.*``
+    readings; a figure the scope sensor did not give this tick is absent (never the
+    machine's, which would be judged against the group's limits)."""
+    usage: dict[Resource, float] = {}
+    capacity: dict[Resource, float] = {}
+    pressure: dict[Resource, float] = {}
+    for r in snapshot.readings:
+        if not r.metric.startswith("edged.scope."):
+            continue
+        if r.metric == "edged.scope.memory.usage":
+            usage[Resource.MEMORY] = r.value
+        elif r.metric == "edged.scope.memory.limit":
+            capacity[Resource.MEMORY] = r.value
+        elif r.metric == "edged.scope.cpu.usage":
+            usage[Resource.CPU] = r.value
+        elif r.metric == "edged.scope.cpu.limit":
+            capacity[Resource.CPU] = r.value
+        elif r.metric == "edged.scope.pressure" and r.attributes.get("edged.window") == "10s":
+            resource = str(r.attributes.get("edged.resource"))
+            if resource in (Resource.MEMORY.value, Resource.CPU.value):
+                pressure[Resource(resource)] = r.value
+    return usage, capacity, pressure
+
+
 def process_views(
     snapshot: Snapshot,
     start_ticks: Mapping[int, int],
@@ -187,8 +222,19 @@ def build_state(
     groups: Mapping[int, str] | None = None,
     self_pid: int | None = None,
     gpu_constraints_w: Mapping[str, tuple[float, float]] | None = None,
+    scoped: bool = False,
 ) -> State:
+    """The strategy's view of one tick. ``scoped``: memory and CPU usage and capacity are the
+    governed cgroup's (:func:`scope_usage`); ``start_ticks`` then holds its processes only."""
     usage, capacity, pressure = machine_usage(snapshot, limits.temperature.zone)
+    if scoped:
+        in_scope, scope_capacity, scope_pressure = scope_usage(snapshot)
+        for resource in SCOPED_RESOURCES:
+            usage.pop(resource, None)
+            capacity.pop(resource, None)
+        usage.update(in_scope)
+        capacity.update(scope_capacity)
+        pressure.update(scope_pressure)
     return State(
         now_s=snapshot.monotonic_s,
         interval_s=interval_s,

@@ -10,6 +10,13 @@ of processes on the machine.
 
 A vanished process makes pread fail with ESRCH: it is dropped, not reported as an error. A pid
 reused by a new process is told apart by its start time.
+
+With a scope (``[scope] cgroup``, a :class:`~edged.sensors.scope.ScopeMembers`), the processes
+are those of the governed group and the groups below it, read every tick instead of listing
+``/proc``: a process that enters the group is sampled from the next tick, one that leaves it is
+dropped at once. Every member is sampled (a rule still gives its class, "normal" otherwise)
+unless ``[sampling] processes = "none"``; a process outside the group is never sampled unless
+it was added with :meth:`ProcessSensor.watch`.
 """
 
 from __future__ import annotations
@@ -20,12 +27,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edged.config import Rule
 from edged.rules import Classifier, ProcessInfo, read_process_info
 from edged.sensors.base import KeptFile, Roots, Sensor
 from edged.sensors.cpu import USER_HZ
 from edged.snapshot import Reading
+
+if TYPE_CHECKING:
+    from edged.sensors.scope import ScopeMembers
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 _GONE = (errno.ESRCH, errno.ENOENT)
@@ -79,8 +90,13 @@ class ProcessSensor(Sensor):
         mode: str = "rules",
         rescan_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        members: ScopeMembers | None = None,
     ) -> None:
         self._proc = str(roots.proc)
+        self._members = members
+        # the pids of the governed group at the last read; None without a scope
+        self.in_scope: frozenset[int] | None = frozenset() if members is not None else None
         self._classifier = Classifier(rules)
         self._mode = mode
         self._rescan_s = rescan_s
@@ -140,11 +156,35 @@ class ProcessSensor(Sensor):
             if klass is not None:
                 self._add(info, klass)
 
+    def scan_scope(self, members: ScopeMembers, relist: bool = False) -> None:
+        """Watch the governed group's new members and drop the processes that left it.
+        ``relist`` lists the group tree again (a safety net on filesystems whose directory
+        link counts do not follow their subdirectories)."""
+        if relist:
+            members.refresh()
+        pids = members.pids()
+        self.in_scope = frozenset(pids)
+        for pid in [p for p in self.watched if p not in pids and p not in self._explicit]:
+            self.watched.pop(pid).close()
+        self._known &= pids
+        for pid in pids - self._known:
+            self._known.add(pid)
+            if self._mode == "none":
+                continue
+            info = read_process_info(self._path(), pid)
+            if info is None:
+                continue
+            self._add(info, self._classifier.classify(info) or "normal")
+
     def read(self) -> list[Reading]:
         now_s = self._clock()
-        if now_s >= self._next_scan_s:
-            self.rescan()
+        due = now_s >= self._next_scan_s
+        if due:
             self._next_scan_s = now_s + self._rescan_s
+        if self._members is not None:
+            self.scan_scope(self._members, relist=due)
+        elif due:
+            self.rescan()
         out: list[Reading] = []
         gone: list[int] = []
         for pid, w in self.watched.items():
@@ -188,9 +228,12 @@ class ProcessSensor(Sensor):
         for pid in gone:
             self.watched.pop(pid).close()
             self._explicit.pop(pid, None)
+            self._known.discard(pid)  # a reused pid is judged afresh when it is seen again
         return out
 
     def close(self) -> None:
         for w in self.watched.values():
             w.close()
         self.watched.clear()
+        if self._members is not None:
+            self._members.close()
