@@ -47,6 +47,8 @@ FAST_INTERVAL_S = 0.02
 # process faulting memory at this rate could cross it (earlyoom's poll assumes 6000 MiB/s). So
 # a machine 1 GiB from its soft level is looked at every ~170 ms, one 6 GiB away every second.
 MEMORY_FILL_RATE_BYTES_S = 6000 * (1 << 20)
+# While the tick is shortened, /proc is listed for new processes at least this often.
+PRESSURE_RESCAN_S = 0.1
 
 
 def roots_of(config: config_mod.Config) -> Roots:
@@ -337,6 +339,10 @@ class Daemon:
                     deadline_s = loop.time()
             self._tick()
             step_s = self._next_interval_s(interval_s)
+            if step_s < interval_s and self._processes is not None:
+                # near or over a limit: a culprit started since the last /proc listing must
+                # not wait up to [sampling] rescan to be seen
+                self._processes.hurry(PRESSURE_RESCAN_S)
             deadline_s += step_s
             now_s = loop.time()
             if deadline_s <= now_s:  # overran: skip the missed deadlines, keep the phase

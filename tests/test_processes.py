@@ -86,6 +86,28 @@ def test_rules_pick_processes_and_report_memory_and_cpu(
     assert all(str(r.attributes["process.executable.name"]).startswith("python") for r in readings)
 
 
+def test_hurry_lists_proc_before_the_rescan_interval(
+    children: list[subprocess.Popen[str]],
+) -> None:
+    """A process started after the last listing is seen within ``hurry``'s bound, not after
+    ``rescan_s`` (the daemon hurries while memory is near or over a limit)."""
+    tag = f"edged-hurry-{os.getpid()}"
+    now = [100.0]
+    sensor = ProcessSensor(Roots(), [Rule(cmdline=tag)], rescan_s=5.0, clock=lambda: now[0])
+    sensor.read()  # the first listing
+    late = start(children, 1, 30, "sleep", tag)
+    now[0] += 0.2
+    sensor.read()
+    assert late.pid not in sensor.watched  # rescan_s has not passed
+    sensor.hurry(0.1)
+    now[0] += 0.05
+    sensor.read()
+    assert late.pid not in sensor.watched  # not before the bound either
+    now[0] += 0.06
+    sensor.read()
+    assert late.pid in sensor.watched
+
+
 def test_an_exited_process_is_dropped_without_error(children: list[subprocess.Popen[str]]) -> None:
     tag = f"edged-exit-{os.getpid()}"
     p = start(children, 1, 30, "sleep", tag)

@@ -137,6 +137,11 @@ class ProcessSensor(Sensor):
         self.watched[info.pid] = watched
         self._known.add(info.pid)
 
+    def hurry(self, within_s: float) -> None:
+        """List /proc again within ``within_s`` (sooner than ``rescan_s``): under memory
+        pressure the process that causes it may have started since the last listing."""
+        self._next_scan_s = min(self._next_scan_s, self._clock() + within_s)
+
     def rescan(self) -> None:
         """List /proc and classify pids not seen before."""
         if self._mode == "none" and not self._explicit:
