@@ -237,6 +237,7 @@ class Alerts(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     def critical_for_s(self) -> float:
         return parse_duration_s(self.critical_for)
 
+
 class Scope(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The part of the machine edged governs: ``cgroup`` is a cgroup path as
     ``/proc/PID/cgroup`` writes it (``/system.slice/foo.service``, ``/bench``); empty means the
