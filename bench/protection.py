@@ -27,7 +27,9 @@ memory crosses ``T`` once the scenario's hog has allocated ``cross`` MiB.
 * ``nohang --monitor`` with ``soft_threshold_min_mem = T M`` and ``hard_threshold_min_mem =
   T/2 M``, the protected names at badness -1000;
 * ``edged run`` (1 s interval, its default) with ``[limits.memory] hard`` = MemTotal - T (SIGTERM
-  at hard, as earlyoom at T) and ``soft`` 256 MiB below it; ``[[rules]]`` name the workloads
+  at hard, as earlyoom at T) and ``soft`` 256 MiB below it (half the scenario's ``cross``
+  where that is less, so that the machine does not start above soft); ``[[rules]]`` name the
+  workloads
   (the protected ones ``critical``, the others ``normal``) and ``[sampling] processes = "rules"``
   samples just those, as a deployment names the services it runs. One run per strategy
   (dynamic, predictive, adaptive). earlyoom and nohang look at every process, as they always do;
@@ -420,7 +422,9 @@ def wait_for_log(log: Path, marker: str, proc: subprocess.Popen[bytes], timeout_
     raise BenchError(f"no {marker!r} in {log} after {timeout_s} s")
 
 
-def start_daemon(name: str, workdir: Path, src: Path, threshold_bytes: int) -> Daemon:
+def start_daemon(
+    name: str, workdir: Path, src: Path, threshold_bytes: int, soft_cap_mib: float
+) -> Daemon:
     tag = uuid.uuid4().hex[:6]
     log = workdir / f"{name}-{tag}.log"
     protected = "^(" + "|".join(PROTECTED) + ")$"
@@ -450,7 +454,7 @@ def start_daemon(name: str, workdir: Path, src: Path, threshold_bytes: int) -> D
         strategy = name.removeprefix("edged-")
         total = meminfo()["MemTotal"]
         hard = total - threshold_bytes
-        soft = hard - SOFT_BELOW_HARD_MIB * MiB
+        soft = hard - int(min(SOFT_BELOW_HARD_MIB, soft_cap_mib) * MiB)
         cfg = workdir / f"edged-{tag}.toml"
         rules = "".join(f'[[rules]]\nname = "{n}"\nclass = "critical"\n' for n in PROTECTED)
         rules += "".join(f'[[rules]]\nname = "{n}"\nclass = "normal"\n' for n in MANAGED)
@@ -504,7 +508,7 @@ class RunResult:
     daemon_cpu_s: float | None = None
     daemon_rss_mib: float | None = None
     lowest_available_mib: float = 0.0
-    note: str = ""
+    timeline: list[str] = field(default_factory=list)  # what happened, ms from the hog's start
 
 
 def run_once(
@@ -531,7 +535,8 @@ def run_once(
         threshold = int(available0 - scenario.cross_mib * MiB)
         group.limit(group.usage_bytes() + int((scenario.cross_mib + margin_mib) * MiB))
         oom0 = vmstat("oom_kill")
-        daemon = start_daemon(daemon_name, workdir, src, threshold)
+        # edged's soft level: 256 MiB under hard, but never below where the scenario starts
+        daemon = start_daemon(daemon_name, workdir, src, threshold, scenario.cross_mib / 2)
         cpu0 = cpu_seconds(daemon.proc.pid) if daemon.proc else 0.0
         time.sleep(1.0)  # a second of calm: every daemon has polled at least once
         monitor = Monitor(threshold)
@@ -574,6 +579,19 @@ def run_once(
             if acted_on is not None and t_ns >= started_ns:
                 hit_at[acted_on.name] = min(hit_at.get(acted_on.name, t_ns), t_ns)
         hits = sorted(hit_at, key=hit_at.__getitem__)
+        names = {pid: w.name for pid, w in by_pid.items()}
+        timeline = [
+            f"{(t - started_ns) / 1e6:+.0f} edged {a} {names.get(p, p)}"
+            for t, p, a in edged_actions
+            if t >= started_ns
+        ]
+        for w in workloads:
+            timeline += [f"{(t - started_ns) / 1e6:+.0f} {w.name} {e}" for e, t in w.events()]
+            if w.died_ns is not None:
+                timeline.append(f"{(w.died_ns - started_ns) / 1e6:+.0f} {w.name} died {w.status}")
+        if monitor.crossed_ns is not None:
+            timeline.append(f"{(monitor.crossed_ns - started_ns) / 1e6:+.0f} crossed")
+        timeline.sort(key=lambda line: float(line.split()[0]))
         first_ns = min(hit_at.values()) if hit_at else None
         crossed_ns = monitor.crossed_ns
         reference = crossed_ns if crossed_ns is not None else started_ns
@@ -604,6 +622,7 @@ def run_once(
             daemon_cpu_s=daemon_cpu,
             daemon_rss_mib=daemon_rss,
             lowest_available_mib=monitor.lowest_bytes / MiB,
+            timeline=timeline,
         )
     finally:
         if monitor is not None and monitor.is_alive():
