@@ -159,6 +159,21 @@ def test_soft_ladder_throttle_freeze_thaw() -> None:
     assert rest[1][0] - rest[0][0] == pytest.approx(DYNAMIC_DEFAULTS["grace_s"])
 
 
+def test_soft_ladder_stays_on_its_victim_while_it_is_frozen() -> None:
+    """Above soft with the top victim frozen, a second (steady) process is not throttled: the
+    frozen one's memory does not come back by squeezing someone else. The ladder goes on with
+    the frozen one instead (thaw, then SIGTERM)."""
+    strategy = DynamicStrategy({})
+    log = _drive(strategy, [SOFT_BYTES + 100 * MIB] * 200, [proc(9, 1 * GIB), proc(10, 512 * MIB)])
+    assert [(a.kind, a.pid) for _, a in log] == [
+        (K.THROTTLE, 9),
+        (K.FREEZE, 9),
+        (K.THAW, 9),
+        (K.TERMINATE, 9),
+        (K.KILL, 9),
+    ]
+
+
 def test_cpu_soft_ladder_cycles_freezes_and_never_terminates() -> None:
     """A CPU hog held by quota and freezes does no harm: no SIGTERM for CPU."""
     strategy = DynamicStrategy({})

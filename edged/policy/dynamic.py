@@ -398,6 +398,14 @@ class DynamicStrategy:
         if state.now_s - track.last_step_s < spacing_s - 1e-9:
             return None
         frozen = self._in_force(state, ActionKind.FREEZE, None)
+        if resource in _EVICTING and (
+            self._in_force(state, ActionKind.FREEZE, resource)
+            or any(t.resource is resource for t in self._terminations.values())
+        ):
+            # a victim is frozen or on its way out for this resource: its memory stays where
+            # it is until the ladder goes on with it (or comes back when it exits); holding a
+            # second, steady process would not bring anything back
+            return None
         terminating = {k[0] for k in self._terminations}
         victims = rank_victims(
             state.processes,
