@@ -86,6 +86,7 @@ class Daemon:
         self.controller: Controller | None = None
         self._memory_reader: Sensor | None = None
         self._restore: Any = None  # () -> int: lifts everything edged imposed
+        self._units: Any = None  # SystemdUnits where PID 1 is systemd: closed at shutdown
         self.fast_interval_s = FAST_INTERVAL_S
         self._lock_fd = -1
         self._waiter: asyncio.Future[None] | None = None
@@ -143,27 +144,42 @@ class Daemon:
         from edged.enforce.enforcer import Enforcer
         from edged.enforce.restore import StateStore, restore_all, state_directory
         from edged.enforce.signals import Signaller
+        from edged.enforce.systemd import choose_units, systemd_booted
         from edged.policy.registry import make_strategy
         from edged.sensors.memory import MemorySensor
 
         cfg = self.config
         strategy = make_strategy(cfg.strategy.name, getattr(cfg.strategy, cfg.strategy.name))
         backend = None
-        if cfg.enforce.backend in ("auto", "cgroupfs") and os.geteuid() == 0:
+        root = Path(cfg.root or "/")
+        # systemd's D-Bus API for processes in a unit (where PID 1 is systemd); cgroupfs for
+        # the rest, as without systemd
+        units = choose_units(cfg.enforce.backend, root)
+        self._units = units
+        if units is not None:
+            log.info("PID 1 is systemd: units are changed through D-Bus at %s", units.address)
+        if (
+            cfg.enforce.backend in ("auto", "cgroupfs")
+            or (cfg.enforce.backend == "systemd" and units is not None)
+        ) and os.geteuid() == 0:
             backend = detect(self.roots.sys / "fs" / "cgroup", proc=self.roots.proc)
             if backend is None:
                 log.warning("no writable cgroup hierarchy: enforcing with signals only")
-        elif cfg.enforce.backend == "systemd":
-            log.warning("the systemd backend is not built yet: enforcing with signals only")
+        elif cfg.enforce.backend == "systemd" and not systemd_booted(root):
+            log.warning(
+                '[enforce] backend = "systemd" but PID 1 is not systemd (no %s): enforcing '
+                "with signals only",
+                root / "run" / "systemd" / "system",
+            )
         signals = Signaller(proc=self.roots.proc)
         directory = self._state_directory(state_directory)
         exclusive = self._lock_state(directory)
         store = StateStore(directory)
         if exclusive:
-            lifted = restore_all(store, backend, signals)
+            lifted = restore_all(store, backend, signals, units)
             if lifted:
                 log.warning("lifted %d changes a previous run left in force", lifted)
-            self._restore = lambda: restore_all(store, backend, signals)
+            self._restore = lambda: restore_all(store, backend, signals, units)
         self._memory_reader = MemorySensor(self.roots)
 
         def limits() -> Any:
@@ -176,12 +192,14 @@ class Daemon:
             store,
             dry_run=cfg.enforce.dry_run or cfg.enforce.backend == "none" or not exclusive,
             recheck=still_needed(self._reread, limits),
+            units=units,
         )
         self.controller = Controller(strategy, enforcer, cfg.limits)
         log.info(
             "strategy %s, enforcing with %s%s",
             strategy.name,
-            type(backend).__name__ if backend else "signals",
+            (type(backend).__name__ if backend else "signals")
+            + (" and systemd units" if units is not None else ""),
             " (dry run: acting on nothing)" if enforcer.dry_run else "",
         )
 
@@ -412,6 +430,9 @@ class Daemon:
                 if lifted:
                     log.info("lifted %d changes on the way out", lifted)
             self._restore = None
+        if self._units is not None:
+            self._units.close()
+            self._units = None
         if self.telemetry is not None:
             self.telemetry.shutdown()
         if self._sampler is not None:
