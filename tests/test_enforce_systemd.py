@@ -12,11 +12,14 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from edged import config as config_mod
+from edged.daemon import Daemon
 from edged.enforce.enforcer import Enforcer, Status
 from edged.enforce.restore import StateStore, restore_all
 from edged.enforce.signals import EnforceError, Signaller, UnitError, read_start_ticks
@@ -251,16 +254,23 @@ def test_freeze_falls_back_to_sigstop_without_freezeunit(
     store = StateStore(tmp_path)
     enf = enforcer(store, units)
     assert enf.apply(action(ActionKind.FREEZE, victim.pid, Resource.MEMORY)).status is Status.DONE
-    assert _state(victim.pid) == "T"
+    assert _wait_state(victim.pid, "T")
     assert list(store.data.stopped) == [str(victim.pid)]
     assert not store.data.units
     assert enf.apply(action(ActionKind.THAW, victim.pid, Resource.MEMORY)).status is Status.DONE
-    assert _state(victim.pid) in "SR"
+    assert _wait_state(victim.pid, "SR")
 
 
-def _state(pid: int) -> str:
-    raw = Path(f"/proc/{pid}/stat").read_text()
-    return raw[raw.rindex(")") + 2]
+def _wait_state(pid: int, states: str, timeout_s: float = 5.0) -> bool:
+    """Whether ``pid`` reaches one of ``states`` (stat field 3) in time; signals are
+    delivered asynchronously."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+        if raw[raw.rindex(")") + 2] in states:
+            return True
+        time.sleep(0.01)
+    return False
 
 
 def test_processes_in_no_unit_or_in_edgeds_own_unit_are_not_sent_to_systemd(
@@ -391,14 +401,16 @@ def test_systemd_is_chosen_only_where_the_root_says_it_is_pid_1(tmp_path: Path) 
 
 
 @pytest.mark.parametrize(
-    ("booted", "setting"), [(True, "auto"), (False, "auto"), (False, "systemd")]
+    ("booted", "setting"),
+    [(True, "auto"), (True, "systemd"), (True, "cgroupfs"), (False, "auto"), (False, "systemd")],
 )
 def test_daemon_routes_by_the_configured_root(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, booted: bool, setting: str
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    booted: bool,
+    setting: str,
 ) -> None:
-    from edged import config as config_mod
-    from edged.daemon import Daemon
-
     root = tmp_path / "root"
     root.mkdir()
     if booted:
@@ -408,12 +420,24 @@ def test_daemon_routes_by_the_configured_root(
         environ={},
         overrides={"root": str(root), "enforce": {"backend": setting}},
     )
-    daemon = Daemon(cfg, environ={"XDG_STATE_HOME": str(tmp_path / "state")})
+    # the state file in tmp (as root too: never the machine's /var/lib/edged)
+    monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "state"))
+    daemon = Daemon(cfg, environ={"STATE_DIRECTORY": str(tmp_path / "state")})
     with caplog.at_level(logging.INFO, logger="edged"):
         daemon._start_controller()
+    assert (tmp_path / "state" / "imposed.json").exists()  # its state, not the machine's
+    try:
+        _check_routing(daemon, caplog, booted, setting)
+    finally:
+        daemon._shutdown_parts()  # restores (nothing here) and closes the bus connection
+
+
+def _check_routing(
+    daemon: Daemon, caplog: pytest.LogCaptureFixture, booted: bool, setting: str
+) -> None:
     assert daemon.controller is not None
     chosen = daemon.controller.enforcer.units
-    assert isinstance(chosen, SystemdUnits) is booted
+    assert isinstance(chosen, SystemdUnits) is (booted and setting != "cgroupfs")
     if setting == "systemd" and not booted:
         assert 'backend = "systemd" but PID 1 is not systemd' in caplog.text
         assert daemon.controller.enforcer.backend is None
