@@ -15,11 +15,13 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 
 from edged import config as config_mod
 from edged.daemon import Daemon
+from edged.enforce.cgroupfs import CgroupBackend
 from edged.enforce.enforcer import Enforcer, Status
 from edged.enforce.restore import StateStore, restore_all
 from edged.enforce.signals import EnforceError, Signaller, UnitError, read_start_ticks
@@ -252,13 +254,31 @@ def test_freeze_falls_back_to_sigstop_without_freezeunit(
     manager.add_unit("app.service", victim.pid)
     manager.freeze_supported = False  # systemd < 246
     store = StateStore(tmp_path)
-    enf = enforcer(store, units)
+    # a cgroup backend that can freeze is there, and must not be used for a process in a unit
+    enf = Enforcer(
+        cast(CgroupBackend, _Untouchable()),
+        Signaller(),
+        store,
+        dry_run=False,
+        recheck=lambda a: True,
+        units=units,
+    )
     assert enf.apply(action(ActionKind.FREEZE, victim.pid, Resource.MEMORY)).status is Status.DONE
     assert _wait_state(victim.pid, "T")
     assert list(store.data.stopped) == [str(victim.pid)]
     assert not store.data.units
     assert enf.apply(action(ActionKind.THAW, victim.pid, Resource.MEMORY)).status is Status.DONE
     assert _wait_state(victim.pid, "SR")
+
+
+class _Untouchable:
+    """A cgroup backend that fails the test if the enforcer moves or freezes anything."""
+
+    subtree = "edged"
+    can_freeze = True
+
+    def __getattr__(self, name: str) -> object:
+        raise AssertionError(f"cgroup backend used for a process in a unit: {name}")
 
 
 def _wait_state(pid: int, states: str, timeout_s: float = 5.0) -> bool:

@@ -340,7 +340,9 @@ class Enforcer:
         if unit is not None and self._freeze_unit(a, unit):
             return None
         backend = self.backend
-        if backend is not None and backend.can_freeze:
+        # a process in a unit systemd cannot freeze gets SIGSTOP, never edged's cgroup freezer:
+        # that would move it out of a cgroup systemd owns
+        if unit is None and backend is not None and backend.can_freeze:
             group, move = self._group_for(backend, a)
             self.store.group(group).frozen = True
             self.store.save()
