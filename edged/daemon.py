@@ -93,6 +93,7 @@ class Daemon:
         self._scope: ScopeSensor | None = None
         self._restore: Any = None  # () -> int: lifts everything edged imposed
         self._gpu_lever: Any = None  # edged.enforce.nvml.GpuPowerLever, as root with a GPU
+        self._units: Any = None  # SystemdUnits where PID 1 is systemd: closed at shutdown
         self.fast_interval_s = FAST_INTERVAL_S
         self._lock_fd = -1
         self._waiter: asyncio.Future[None] | None = None
@@ -167,23 +168,38 @@ class Daemon:
         from edged.enforce.nvml import open_lever
         from edged.enforce.restore import StateStore, restore_all, state_directory
         from edged.enforce.signals import Signaller
+        from edged.enforce.systemd import choose_units, systemd_booted
         from edged.policy.registry import make_strategy
         from edged.sensors.memory import MemorySensor
 
         cfg = self.config
         strategy = make_strategy(cfg.strategy.name, getattr(cfg.strategy, cfg.strategy.name))
         backend = None
+        root = Path(cfg.root or "/")
+        # systemd's D-Bus API for processes in a unit (where PID 1 is systemd); cgroupfs for
+        # the rest, as without systemd
+        units = choose_units(cfg.enforce.backend, root)
+        self._units = units
+        if units is not None:
+            log.info("PID 1 is systemd: units are changed through D-Bus at %s", units.address)
         # with a scope, edged's own groups go inside the governed group, so a throttled or
         # frozen victim stays in it (its usage still counts, it is still a member)
         subtree = f"{self.scope_path.strip('/')}/edged" if self.scope_path else "edged"
-        if cfg.enforce.backend in ("auto", "cgroupfs") and os.geteuid() == 0:
+        if (
+            cfg.enforce.backend in ("auto", "cgroupfs")
+            or (cfg.enforce.backend == "systemd" and units is not None)
+        ) and os.geteuid() == 0:
             backend = detect(
                 self.roots.sys / "fs" / "cgroup", subtree=subtree, proc=self.roots.proc
             )
             if backend is None:
                 log.warning("no writable cgroup hierarchy: enforcing with signals only")
-        elif cfg.enforce.backend == "systemd":
-            log.warning("the systemd backend is not built yet: enforcing with signals only")
+        elif cfg.enforce.backend == "systemd" and not systemd_booted(root):
+            log.warning(
+                '[enforce] backend = "systemd" but PID 1 is not systemd (no %s): enforcing '
+                "with signals only",
+                root / "run" / "systemd" / "system",
+            )
         signals = Signaller(proc=self.roots.proc)
         directory = self._state_directory(state_directory)
         exclusive = self._lock_state(directory)
@@ -192,10 +208,10 @@ class Daemon:
         if exclusive and os.geteuid() == 0 and cfg.enforce.backend != "none":
             lever = self._gpu_lever = open_lever(self.roots, store)
         if exclusive:
-            lifted = restore_all(store, backend, signals, lever)
+            lifted = restore_all(store, backend, signals, lever, units)
             if lifted:
                 log.warning("lifted %d changes a previous run left in force", lifted)
-            self._restore = lambda: restore_all(store, backend, signals, lever)
+            self._restore = lambda: restore_all(store, backend, signals, lever, units)
         self._memory_reader = MemorySensor(self.roots)
 
         def limits() -> Any:
@@ -209,6 +225,7 @@ class Daemon:
             dry_run=cfg.enforce.dry_run or cfg.enforce.backend == "none" or not exclusive,
             recheck=still_needed(self._reread, limits),
             gpus=lever,
+            units=units,
         )
         alerts = AlertTracker(cfg.alerts.for_s, cfg.alerts.critical_for_s)
         self.controller = Controller(
@@ -217,7 +234,8 @@ class Daemon:
         log.info(
             "strategy %s, enforcing with %s%s%s%s",
             strategy.name,
-            type(backend).__name__ if backend else "signals",
+            (type(backend).__name__ if backend else "signals")
+            + (" and systemd units" if units is not None else ""),
             f" and the power limits of {len(lever.constraints_mw)} GPUs" if lever else "",
             f" on cgroup {self.scope_path}" if self.scope_path else "",
             " (dry run: acting on nothing)" if enforcer.dry_run else "",
@@ -480,6 +498,9 @@ class Daemon:
         if self._gpu_lever is not None:
             self._gpu_lever.close()
             self._gpu_lever = None
+        if self._units is not None:
+            self._units.close()
+            self._units = None
         if self.telemetry is not None:
             self.telemetry.shutdown()
         if self._sampler is not None:

@@ -32,6 +32,16 @@ NOTIFY                  not here: the server sends ``budget.shrink``
 A GPU action (``Action.gpu`` set, pid 0) skips the process checks; without a GPU lever (not
 root, no NVIDIA driver) it is skipped with that reason.
 
+Where PID 1 is systemd and the daemon passes ``units``
+(:class:`~edged.enforce.systemd.SystemdUnits`), a THROTTLE, FREEZE and their undoing for a
+process that belongs to a unit other than edged's own go to that *unit* through systemd's D-Bus
+API instead (``SetUnitProperties`` ``MemoryHigh`` / ``CPUQuotaPerSecUSec`` at runtime,
+``FreezeUnit`` / ``ThawUnit``), never by moving the process or writing a cgroup systemd owns;
+the unit's previous values are recorded first and put back when no victim holds the change any
+more. A process in no unit (or in edged's own) goes to the cgroup backend as before. A bus
+that cannot be reached fails the action rather than falling back to cgroupfs. ``FreezeUnit``
+missing (systemd < 246) or unsupported falls back to SIGSTOP.
+
 ``reaction_time_s`` is the running median of decision-to-effect times (from the
 ``decided_at_s`` the daemon passes, else from the call) over the last actions done; the
 predictive strategy adds it to its horizon.
@@ -41,6 +51,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import statistics
 import time
 from collections import deque
@@ -49,14 +60,23 @@ from dataclasses import dataclass
 
 from edged.enforce.cgroupfs import CgroupBackend
 from edged.enforce.nvml import GpuPowerLever
-from edged.enforce.restore import StateStore, StoppedRecord
+from edged.enforce.restore import StateStore, StoppedRecord, UnitRecord, restore_unit
 from edged.enforce.signals import (
     EnforceError,
     NoSuchProcess,
     ProtectedProcess,
     Signaller,
     StaleProcess,
+    UnitError,
     read_start_ticks,
+)
+from edged.enforce.systemd import (
+    NO_UNIT_FOR_PID,
+    NOT_SUPPORTED,
+    UNKNOWN_METHOD,
+    SystemdUnits,
+    actable,
+    cores_to_usec_per_s,
 )
 from edged.policy.base import Action, ActionKind, ProcessClass, Resource
 
@@ -109,7 +129,8 @@ class Enforcer:
 
     ``recheck(action)`` returns whether the action is still needed now; ``clock`` is monotonic
     seconds (the same clock as ``decided_at_s``); ``gpus`` is the NVML power-limit lever
-    (None: GPU actions are skipped).
+    (None: GPU actions are skipped). ``units`` is systemd's D-Bus API, given only where PID 1 is
+    systemd; ``own_unit`` is edged's own unit (None: asked of systemd when first needed).
     """
 
     def __init__(
@@ -122,9 +143,13 @@ class Enforcer:
         *,
         clock: Callable[[], float] = time.monotonic,
         gpus: GpuPowerLever | None = None,
+        units: SystemdUnits | None = None,
+        own_unit: str | None = None,
     ) -> None:
         self.backend = backend
         self.gpus = gpus
+        self.units = units
+        self._own_unit = own_unit
         self.signals = signals
         self.store = state_store
         self.dry_run = dry_run
@@ -256,6 +281,14 @@ class Enforcer:
         for pid_text, stopped in list(self.store.data.stopped.items()):
             if read_start_ticks(int(pid_text), self.signals.proc) != stopped.start_ticks:
                 del self.store.data.stopped[pid_text]
+        for name, unit in list(self.store.data.units.items()):
+            for pid_text, ticks in list(unit.pids.items()):
+                if read_start_ticks(int(pid_text), self.signals.proc) != ticks:
+                    self._unit_drop(name, int(pid_text))
+            try:
+                self._unit_settle(name)
+            except EnforceError as exc:  # the bus is down: next time
+                log.info("gc: keeping %s: %s", name, exc)
         if self.backend is not None:
             for group in list(self.store.data.groups):
                 if self.backend.procs(group):
@@ -317,6 +350,9 @@ class Enforcer:
             raise EnforceError(a.pid, "throttle", f"needs a positive target, got {a.target}")
         # Over a temperature or power limit the CPU lever takes a target in cores; the GPU
         # power-limit lever is an action with ``gpu`` set (see _apply_gpu).
+        unit = self._unit_for(a)
+        if unit is not None:
+            return self._throttle_unit(a, unit, a.target)
         backend = self._need_backend(a)
         group, move = self._group_for(backend, a)
         record = self.store.group(group)
@@ -333,6 +369,18 @@ class Enforcer:
         return None
 
     def _unthrottle(self, a: Action) -> str | None:
+        unit = self.store.unit_of(a.pid)
+        if unit is not None:
+            unit_record = self.store.unit(unit)
+            held = (
+                unit_record.memory_pids if a.resource is Resource.MEMORY else unit_record.cpu_pids
+            )
+            if a.pid not in held:
+                return "nothing imposed on it"
+            held.remove(a.pid)
+            self.store.save()
+            self._unit_settle(unit)
+            return None
         group = self.store.group_of(a.pid)
         if group is None or self.backend is None:
             return "nothing imposed on it"
@@ -348,8 +396,13 @@ class Enforcer:
         return None
 
     def _freeze(self, a: Action) -> str | None:
+        unit = self._unit_for(a)
+        if unit is not None and self._freeze_unit(a, unit):
+            return None
         backend = self.backend
-        if backend is not None and backend.can_freeze:
+        # a process in a unit systemd cannot freeze gets SIGSTOP, never edged's cgroup freezer:
+        # that would move it out of a cgroup systemd owns
+        if unit is None and backend is not None and backend.can_freeze:
             group, move = self._group_for(backend, a)
             self.store.group(group).frozen = True
             self.store.save()
@@ -362,6 +415,12 @@ class Enforcer:
         return None
 
     def _thaw(self, a: Action) -> str | None:
+        unit = self.store.unit_of(a.pid)
+        if unit is not None and a.pid in self.store.unit(unit).frozen_pids:
+            self.store.unit(unit).frozen_pids.remove(a.pid)
+            self.store.save()
+            self._unit_settle(unit)
+            return None
         group = self.store.group_of(a.pid)
         stopped = str(a.pid) in self.store.data.stopped
         if not stopped and (group is None or not self.store.group(group).frozen):
@@ -373,7 +432,13 @@ class Enforcer:
 
     def _unfreeze(self, pid: int, start_ticks: int) -> None:
         """Thaw the group / SIGCONT the process edged froze; records updated after (undoing
-        twice is harmless, missing an undo is not)."""
+        twice is harmless, missing an undo is not). A frozen unit is thawed whole: the
+        signal must reach the process, and it shares the unit's freezer with the rest."""
+        unit = self.store.unit_of(pid)
+        if unit is not None and self.store.unit(unit).frozen:
+            self.store.unit(unit).frozen_pids.clear()
+            self.store.save()
+            self._unit_settle(unit)
         group = self.store.group_of(pid)
         if group is not None and self.backend is not None and self.store.group(group).frozen:
             self.backend.thaw(group)
@@ -408,6 +473,10 @@ class Enforcer:
     def _forget(self, pid: int) -> None:
         """Clean up after a process that exited while edged held it."""
         self.store.data.stopped.pop(str(pid), None)
+        unit = self.store.unit_of(pid)
+        if unit is not None:
+            self._unit_drop(unit, pid)
+            self._unit_settle(unit)
         group = self.store.group_of(pid)
         if group is not None and self.backend is not None:
             record = self.store.group(group)
@@ -419,4 +488,131 @@ class Enforcer:
                 self.backend.set_cpu_quota(group, None)
                 record.memory_high_bytes = record.cpu_quota_cores = None
             self._release_if_free(group)
+        self.store.save()
+
+    # --- systemd units (where PID 1 is systemd) ---------------------------------------------
+
+    def _unit_for(self, a: Action) -> str | None:
+        """The unit to act on for ``a.pid`` through systemd, or None for the cgroup backend:
+        no systemd, a process in no unit, in edged's own unit, or in a unit that is not a
+        service or scope (``-.slice`` for the root cgroup, ``init.scope``)."""
+        if self.units is None:
+            return None
+        known = self.store.unit_of(a.pid)
+        if known is not None:
+            if self.store.unit(known).pids.get(str(a.pid)) == a.start_ticks:
+                return known
+            self._unit_drop(known, a.pid)  # a record of an earlier process with this pid
+            self._unit_settle(known)
+        try:
+            unit = self.units.unit_of(a.pid)
+        except UnitError as exc:
+            if exc.error_name == NO_UNIT_FOR_PID:
+                return None
+            raise
+        if unit == self._own() or not actable(unit):
+            return None
+        return unit
+
+    def _own(self) -> str:
+        """edged's own unit ("" when it runs in none)."""
+        if self._own_unit is None:
+            assert self.units is not None
+            try:
+                self._own_unit = self.units.unit_of(os.getpid())
+            except UnitError as exc:
+                if exc.error_name != NO_UNIT_FOR_PID:
+                    raise
+                self._own_unit = ""
+        return self._own_unit
+
+    def _units(self) -> SystemdUnits:
+        if self.units is None:
+            raise EnforceError(None, "systemd", "systemd units recorded but no D-Bus backend")
+        return self.units
+
+    def _throttle_unit(self, a: Action, unit: str, target: float) -> str | None:
+        """MemoryHigh / CPUQuotaPerSecUSec on the unit, its previous value recorded first."""
+        units = self._units()
+        record = self.store.unit(unit)
+        record.pids[str(a.pid)] = a.start_ticks
+        if a.resource is Resource.MEMORY:
+            if record.previous_memory_high_bytes is None:
+                record.previous_memory_high_bytes = units.memory_high_bytes(unit)
+            record.memory_high_bytes = int(target)
+            if a.pid not in record.memory_pids:
+                record.memory_pids.append(a.pid)
+            self.store.save()
+            units.set_memory_high(unit, int(target))
+        else:
+            if record.previous_cpu_quota_usec_per_s is None:
+                record.previous_cpu_quota_usec_per_s = units.cpu_quota_usec_per_s(unit)
+            record.cpu_quota_cores = target
+            if a.pid not in record.cpu_pids:
+                record.cpu_pids.append(a.pid)
+            self.store.save()
+            units.set_cpu_quota(unit, cores_to_usec_per_s(target))
+        return None
+
+    def _freeze_unit(self, a: Action, unit: str) -> bool:
+        """FreezeUnit; False where systemd cannot freeze (then SIGSTOP does it)."""
+        units = self._units()
+        record = self.store.unit(unit)
+        record.pids[str(a.pid)] = a.start_ticks
+        if a.pid not in record.frozen_pids:
+            record.frozen_pids.append(a.pid)
+        record.frozen = True
+        self.store.save()
+        try:
+            units.freeze(unit)
+        except UnitError as exc:
+            if exc.error_name not in (NOT_SUPPORTED, UNKNOWN_METHOD):
+                raise
+            log.info("%s cannot be frozen by systemd (%s): SIGSTOP instead", unit, exc.detail)
+            record.frozen_pids.remove(a.pid)
+            record.frozen = bool(record.frozen_pids)
+            if a.pid not in record.memory_pids and a.pid not in record.cpu_pids:
+                record.pids.pop(str(a.pid), None)
+            if not record.imposed() and not (record.memory_pids or record.cpu_pids):
+                del self.store.data.units[unit]
+            self.store.save()
+            return False
+        return True
+
+    def _unit_drop(self, unit: str, pid: int) -> None:
+        """Forget ``pid`` (it exited) in ``unit``'s record; what it held is put back by
+        :meth:`_unit_settle`."""
+        record = self.store.unit(unit)
+        for held in (record.memory_pids, record.cpu_pids, record.frozen_pids):
+            if pid in held:
+                held.remove(pid)
+        record.pids.pop(str(pid), None)
+
+    def _unit_settle(self, unit: str) -> None:
+        """Put back on ``unit`` what no process holds any more (thaw, previous MemoryHigh /
+        CPUQuotaPerSecUSec); forget the unit once nothing is held. Records are updated after
+        each change succeeds."""
+        record = self.store.unit(unit)
+        lift = UnitRecord(
+            frozen=record.frozen and not record.frozen_pids,
+            previous_memory_high_bytes=(
+                None if record.memory_pids else record.previous_memory_high_bytes
+            ),
+            previous_cpu_quota_usec_per_s=(
+                None if record.cpu_pids else record.previous_cpu_quota_usec_per_s
+            ),
+        )
+        if lift.imposed():
+            restore_unit(self._units(), unit, lift)
+            if not record.frozen_pids:
+                record.frozen = False
+            if not record.memory_pids:
+                record.previous_memory_high_bytes = record.memory_high_bytes = None
+            if not record.cpu_pids:
+                record.previous_cpu_quota_usec_per_s = None
+                record.cpu_quota_cores = None
+        if not record.imposed() and not (
+            record.memory_pids or record.cpu_pids or record.frozen_pids
+        ):
+            del self.store.data.units[unit]
         self.store.save()

@@ -9,9 +9,11 @@ was never made costs nothing to undo (thawing a thawed group, lifting an unset l
 :func:`restore_all` undoes everything in the file: thaws frozen groups, sends SIGCONT to stopped
 processes, lifts throttles, moves processes back to their original groups, removes edged's empty
 groups, puts back the original power limit of each GPU edged lowered (through the NVML lever,
-:mod:`edged.enforce.nvml`) and clears the file. It is idempotent and tolerates vanished
-processes and groups, so it can run on SIGTERM and again at the next start. A GPU limit that
-cannot be put back now (no lever: not root, no driver) stays recorded for a later start.
+:mod:`edged.enforce.nvml`), puts back the values a systemd unit had before edged changed it
+through D-Bus (and thaws the units it froze), and clears the file. It is idempotent and
+tolerates vanished processes, groups and units, so it can run on SIGTERM and again at the next
+start. A GPU limit or a unit that cannot be put back now (no lever: not root, no driver; no
+bus) stays recorded for a later start.
 """
 
 from __future__ import annotations
@@ -27,10 +29,13 @@ import msgspec
 from edged.enforce.cgroupfs import CgroupBackend
 from edged.enforce.signals import (
     CgroupError,
+    EnforceError,
     NoSuchProcess,
     Signaller,
     StaleProcess,
+    UnitError,
 )
+from edged.enforce.systemd import NO_SUCH_UNIT, SystemdUnits
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +85,34 @@ class GpuRecord(msgspec.Struct):
     limit_mw: int | None = None
 
 
+class UnitRecord(msgspec.Struct, omit_defaults=True):
+    """A systemd unit edged changed through D-Bus (:mod:`edged.enforce.systemd`): which of
+    its processes each change was decided for, what edged set, and what the unit had before.
+
+    The unit is the granularity, so several victims may share one record: a change is put back
+    once no process holds it any more. ``previous_*`` are the raw D-Bus values read before
+    the first change (``UINT64_MAX``: none); None means edged has not changed that property.
+    """
+
+    pids: dict[str, int] = {}  # pid (as text) -> start_ticks, every process acted for
+    memory_pids: list[int] = []  # processes a memory throttle is held for
+    cpu_pids: list[int] = []  # processes a CPU quota is held for
+    frozen_pids: list[int] = []  # processes a freeze is held for
+    frozen: bool = False  # FreezeUnit was called and not yet undone
+    memory_high_bytes: int | None = None  # what edged set
+    cpu_quota_cores: float | None = None
+    previous_memory_high_bytes: int | None = None
+    previous_cpu_quota_usec_per_s: int | None = None
+
+    def imposed(self) -> bool:
+        """Whether anything is still changed on the unit."""
+        return (
+            self.frozen
+            or self.previous_memory_high_bytes is not None
+            or self.previous_cpu_quota_usec_per_s is not None
+        )
+
+
 class Imposed(msgspec.Struct):
     """The whole file."""
 
@@ -87,10 +120,11 @@ class Imposed(msgspec.Struct):
     groups: dict[str, GroupRecord] = {}  # group path -> record
     stopped: dict[str, StoppedRecord] = {}  # pid (as text) -> record
     gpus: dict[str, GpuRecord] = {}  # GPU UUID -> record
+    units: dict[str, UnitRecord] = {}  # systemd unit name -> record
 
     def empty(self) -> bool:
         """Nothing imposed."""
-        return not self.groups and not self.stopped and not self.gpus
+        return not self.groups and not self.stopped and not self.gpus and not self.units
 
 
 def state_directory() -> Path:
@@ -152,6 +186,18 @@ class StateStore:
                 return name
         return None
 
+    def unit(self, name: str) -> UnitRecord:
+        """The record of systemd unit ``name``, created (not yet saved) if new."""
+        return self.data.units.setdefault(name, UnitRecord())
+
+    def unit_of(self, pid: int) -> str | None:
+        """The systemd unit edged acted on for ``pid``, if any."""
+        key = str(pid)
+        for name, record in self.data.units.items():
+            if key in record.pids:
+                return name
+        return None
+
     def clear(self) -> None:
         """Forget everything and save."""
         self.data = Imposed()
@@ -163,15 +209,19 @@ def restore_all(
     backend: CgroupBackend | None,
     signals: Signaller,
     gpus: GpuLimitRestorer | None = None,
+    units: SystemdUnits | None = None,
 ) -> int:
     """Undo everything recorded in ``store``; returns how many processes were resumed or
-    moved back plus how many GPU power limits were put back. Safe to call twice, with
-    vanished pids and groups, and with no backend (only SIGSTOPs are then undone).
+    moved back plus how many GPU power limits and systemd units were put back. Safe to call
+    twice, with vanished pids, groups and units, and with no backend (only SIGSTOPs are then
+    undone).
 
     GPU power limits are put back through ``gpus`` (the NVML lever). A GPU record that cannot
     be restored now (no lever: not root, no driver; or NVML refused) is kept in the file, so
-    a later start with a working lever puts the original limit back; everything else is
-    cleared."""
+    a later start with a working lever puts the original limit back. A unit that cannot be put
+    back now because the bus is unreachable or refuses (``units`` is None, no D-Bus, access
+    denied) stays in the file for the next start; a unit systemd no longer knows
+    (``NoSuchUnit``) has nothing left to restore and is forgotten. Everything else is cleared."""
     data = store.data
     restored = 0
     kept_gpus: dict[str, GpuRecord] = {}
@@ -185,6 +235,23 @@ def restore_all(
         else:
             restored_now, kept_gpus = gpus.restore_records(dict(data.gpus))
             restored += restored_now
+    kept: dict[str, UnitRecord] = {}
+    for name, unit_record in data.units.items():
+        if units is None:
+            log.warning("restore: no systemd backend; keeping %s for the next start", name)
+            kept[name] = unit_record
+            continue
+        try:
+            restored += restore_unit(units, name, unit_record)
+        except UnitError as exc:
+            if exc.error_name == NO_SUCH_UNIT:
+                log.info("restore: %s", exc)
+            else:
+                log.warning("restore: keeping %s for the next start: %s", name, exc)
+                kept[name] = unit_record
+        except EnforceError as exc:
+            log.warning("restore: keeping %s for the next start: %s", name, exc)
+            kept[name] = unit_record
     for pid_text, stopped in data.stopped.items():
         try:
             signals.cont(int(pid_text), stopped.start_ticks)
@@ -202,9 +269,32 @@ def restore_all(
         for group in backend.groups():  # also groups a crash left unrecorded or half-removed
             _remove(backend, group)
         _remove(backend, backend.subtree)
-    store.data = Imposed(gpus=kept_gpus)
+    store.data = Imposed(gpus=kept_gpus, units=kept)
     store.save()
     return restored
+
+
+def restore_unit(units: SystemdUnits, name: str, record: UnitRecord) -> int:
+    """Thaw unit ``name`` if edged froze it and put back the ``MemoryHigh`` and
+    ``CPUQuotaPerSecUSec`` it had before edged changed them; 1 if anything was done. The
+    record is updated as each step succeeds, so a failure part way leaves only what is left."""
+    done = 0
+    if record.frozen:
+        units.thaw(name)
+        record.frozen = False
+        done = 1
+    if record.previous_memory_high_bytes is not None:
+        units.set_memory_high(name, record.previous_memory_high_bytes)
+        record.previous_memory_high_bytes = record.memory_high_bytes = None
+        done = 1
+    if record.previous_cpu_quota_usec_per_s is not None:
+        units.set_cpu_quota(name, record.previous_cpu_quota_usec_per_s)
+        record.previous_cpu_quota_usec_per_s = None
+        record.cpu_quota_cores = None
+        done = 1
+    if done:
+        log.info("restore: put %s back as it was", name)
+    return done
 
 
 def _restore_group(backend: CgroupBackend, group: str, record: GroupRecord) -> int:

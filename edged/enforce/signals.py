@@ -57,6 +57,21 @@ class CgroupError(EnforceError):
         super().__init__(pid, op, f"{group}: {detail}")
 
 
+class UnitError(EnforceError):
+    """systemd refused or failed a D-Bus call about a unit: ``unit`` (empty when not known
+    yet), and ``error_name``, the D-Bus error name (``org.freedesktop.systemd1.NoSuchUnit``,
+    ``org.freedesktop.DBus.Error.AccessDenied``, ...), empty when the call got no reply."""
+
+    def __init__(
+        self, unit: str, op: str, detail: str, pid: int | None = None, error_name: str = ""
+    ) -> None:
+        self.unit = unit
+        self.error_name = error_name
+        where = unit or "unit"
+        named = f" [{error_name}]" if error_name else ""
+        super().__init__(pid, op, f"{where}: {detail}{named}")
+
+
 def read_start_ticks(pid: int, proc: Path = Path("/proc")) -> int | None:
     """Start time of ``pid`` in clock ticks since boot (field 22 of stat); None if gone."""
     try:

@@ -201,6 +201,7 @@ class _Termination:
     resource: Resource
     sent_s: float
     killed_s: float | None = None
+    reason: str = "hard"  # the SIGTERM's reason; its SIGKILL gives the same (the re-check's)
 
 
 class DynamicStrategy:
@@ -326,7 +327,7 @@ class DynamicStrategy:
                     ActionKind.KILL,
                     present[key],
                     term.resource,
-                    "hard",
+                    term.reason,
                     detail=f"grew {format_quantity(grown, Resource.MEMORY)} in {waited_s:.2f} s "
                     "after SIGTERM: it is ignoring it",
                 )
@@ -337,7 +338,7 @@ class DynamicStrategy:
                     ActionKind.KILL,
                     present[key],
                     term.resource,
-                    "hard",
+                    term.reason,
                     detail=f"still running {waited_s:.1f} s after SIGTERM",
                 )
             if term.killed_s is not None and state.now_s - term.killed_s >= grace_s:
@@ -459,7 +460,7 @@ class DynamicStrategy:
                     # the ladder (kubelet's soft eviction); holding it forever helps no one
                     key = key_of(victim.process)
                     self._terminations[key] = _Termination(
-                        key, victim.process, resource, state.now_s
+                        key, victim.process, resource, state.now_s, reason=reason
                     )
                     action = self._action(
                         ActionKind.TERMINATE,
