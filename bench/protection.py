@@ -101,6 +101,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from overhead import snapshot_source  # the same frozen copy of edged as the overhead bench
+
 REPO = Path(__file__).resolve().parent.parent
 WORKLOAD = Path(__file__).resolve().parent / "_workload.py"
 MiB = 1 << 20
@@ -712,21 +714,6 @@ def tool_version(argv: list[str]) -> str:
         text = (done.stdout + done.stderr).strip().splitlines()
         return text[-1] if text else "?"
     return "absent"
-
-
-def snapshot_source(workdir: Path, commit: str | None) -> Path:
-    """The edged package of ``commit`` (None: the working tree) in ``workdir/src``."""
-    src = workdir / "src"
-    if commit is None:
-        shutil.copytree(REPO / "edged", src / "edged", ignore=shutil.ignore_patterns("__pycache__"))
-        return src
-    src.mkdir()
-    archive = subprocess.run(
-        ["git", "archive", "--format=tar", commit, "edged"], cwd=REPO, capture_output=True,
-        check=True, timeout=60,
-    )  # fmt: skip
-    subprocess.run(["tar", "-x", "-C", str(src)], input=archive.stdout, check=True, timeout=60)
-    return src
 
 
 def main(argv: Sequence[str] | None = None) -> int:

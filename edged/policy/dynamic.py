@@ -320,26 +320,19 @@ class DynamicStrategy:
         grace_s = self.settings["grace_s"]
         for key, term in list(self._terminations.items()):
             grown = present[key].memory_bytes - term.victim.memory_bytes
-            if term.killed_s is None and grown >= self.settings["term_growth_bytes"]:
-                term.killed_s = state.now_s
-                waited_s = state.now_s - term.sent_s
-                return self._action(
-                    ActionKind.KILL,
-                    present[key],
-                    term.resource,
-                    term.reason,
-                    detail=f"grew {format_quantity(grown, Resource.MEMORY)} in {waited_s:.2f} s "
-                    "after SIGTERM: it is ignoring it",
+            waited_s = state.now_s - term.sent_s
+            why = ""
+            if grown >= self.settings["term_growth_bytes"]:
+                why = (
+                    f"grew {format_quantity(grown, Resource.MEMORY)} in {waited_s:.2f} s after "
+                    "SIGTERM: it is ignoring it"
                 )
-            if term.killed_s is None and state.now_s - term.sent_s >= grace_s - 1e-9:
+            elif waited_s >= grace_s - 1e-9:
+                why = f"still running {waited_s:.1f} s after SIGTERM"
+            if term.killed_s is None and why:
                 term.killed_s = state.now_s
-                waited_s = state.now_s - term.sent_s
                 return self._action(
-                    ActionKind.KILL,
-                    present[key],
-                    term.resource,
-                    term.reason,
-                    detail=f"still running {waited_s:.1f} s after SIGTERM",
+                    ActionKind.KILL, present[key], term.resource, term.reason, detail=why
                 )
             if term.killed_s is not None and state.now_s - term.killed_s >= grace_s:
                 # SIGKILL did not free it either (stuck in D state): stop waiting on it
