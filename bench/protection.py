@@ -110,6 +110,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 MEMCG = Path("/sys/fs/cgroup/memory")
 PROTECTED = ("bench-service", "bench-harness")
 MANAGED = ("bench-hog", "bench-leak", "bench-steady", "bench-spike")
+INFRASTRUCTURE = ("bash", "sh", "sshd", "tmux", "process_api", "python3", "python")
 SERVICE_MIB = 256
 SOFT_BELOW_HARD_MIB = 256
 EDGED_STRATEGIES = ("dynamic", "predictive", "adaptive")
@@ -429,7 +430,9 @@ def start_daemon(
 ) -> Daemon:
     tag = uuid.uuid4().hex[:6]
     log = workdir / f"{name}-{tag}.log"
-    protected = "^(" + "|".join(PROTECTED) + ")$"
+    # earlyoom and nohang pick from every process of the machine: the shells and the session
+    # that run the benchmark are kept out of their reach too (edged only sees its rules' names)
+    protected = "^(" + "|".join((*PROTECTED, *INFRASTRUCTURE)) + ")$"
     threshold_kib = threshold_bytes // 1024
     env = {k: v for k, v in os.environ.items() if not k.startswith(("EDGED_", "OTEL_"))}
     if name == "kernel":
