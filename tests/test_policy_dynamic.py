@@ -174,6 +174,25 @@ def test_soft_ladder_stays_on_its_victim_while_it_is_frozen() -> None:
     ]
 
 
+def test_gpu_memory_at_hard_ends_the_largest_gpu_holder_not_the_largest_process() -> None:
+    """GPU memory is judged on NVML's per-process figure: the big host process that holds no
+    GPU memory is not the victim; nothing happens below hard (no soft ladder: a throttle or a
+    freeze gives no GPU memory back)."""
+    strategy = DynamicStrategy({})
+    limit = Limit(Resource.GPU_MEMORY, 60 * GIB, 70 * GIB)
+    host_hog = proc(10, 8 * GIB)  # no GPU memory
+    trainer = proc(11, 2 * GIB, gpu_memory_bytes=50 * GIB)
+    viewer = proc(12, 1 * GIB, gpu_memory_bytes=15 * GIB)
+    processes = [host_hog, trainer, viewer]
+    calm = _drive(strategy, [65 * GIB] * 50, processes, resource=Resource.GPU_MEMORY, limit=limit)
+    assert calm == []  # above soft, below hard: no action
+    log = _drive(
+        DynamicStrategy({}), [72 * GIB] * 30, processes, resource=Resource.GPU_MEMORY, limit=limit
+    )
+    assert [(a.kind, a.pid) for _, a in log] == [(K.TERMINATE, 11), (K.KILL, 11)]
+    assert log[0][1].reason == "hard"
+
+
 def test_cpu_soft_ladder_cycles_freezes_and_never_terminates() -> None:
     """A CPU hog held by quota and freezes does no harm: no SIGTERM for CPU."""
     strategy = DynamicStrategy({})

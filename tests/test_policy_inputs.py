@@ -93,3 +93,38 @@ def test_state_has_process_views_with_start_times_and_protection() -> None:
     assert me.klass is ProcessClass.NORMAL
     assert all(p.pid in start_ticks for p in state.processes)
     sensor.close()
+
+
+def test_process_views_carry_nvml_gpu_memory_summed_over_gpus(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The per-process GPU memory NVML reports (here the fake ``pynvml``, two GPUs) reaches
+    the strategy's view of a real process, summed over the GPUs it uses."""
+    from tests.fakes.pynvml import MIB, FakeGpu, FakeNvml
+    from tests.test_sensors_nvml import UUID_A, UUID_B, install
+
+    me = os.getpid()
+    install(
+        monkeypatch,
+        FakeNvml(
+            [
+                FakeGpu(uuid=UUID_A, compute_processes=[(me, 300 * MIB)]),
+                FakeGpu(uuid=UUID_B, compute_processes=[(me, 200 * MIB), (1, 50 * MIB)]),
+            ]
+        ),
+    )
+    from edged.sensors.base import Sensor
+    from edged.sensors.nvml import discover
+
+    processes = ProcessSensor(Roots(), [], mode="all")
+    gpus = [s for s in discover(Roots()) if isinstance(s, Sensor)]
+    assert len(gpus) == 2
+    sampler = Sampler([processes, *gpus])
+    snapshot = sampler.tick()
+    start_ticks = {pid: w.info.start_ticks for pid, w in processes.watched.items()}
+    state = build_state(snapshot, Limits(), 1.0, start_ticks)
+    view = next(p for p in state.processes if p.pid == me)
+    assert view.gpu_memory_bytes == 500 * MIB
+    others = [p for p in state.processes if p.pid not in (me, 1)]
+    assert all(p.gpu_memory_bytes == 0 for p in others)
+    sampler.close()

@@ -74,6 +74,7 @@ class ProcessView:
     client: str | None = None  # budget client name, if it holds a lease
     budget: Mapping[Resource, float] = field(default_factory=dict)  # its own limits, if any
     protected: bool = False  # pid 1, edged itself, kernel threads: never a victim
+    gpu_memory_bytes: float = 0.0  # summed over GPUs (NVML's per-process figure), 0 if none
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,10 @@ Memory
 CPU
     above soft for ``cpu_hold_s`` (at hard: at once): throttle the top CPU consumer to its usage
     minus the overshoot (floor ``min_cores``); then freeze it as for memory.
+GPU memory
+    at or above hard only: SIGTERM the process holding the most (NVML's per-process figure),
+    SIGKILL after ``grace_s`` as for memory. A throttle or a freeze gives no GPU memory back,
+    so there is no soft-level ladder; below hard, GPU memory is for budget clients to share.
 Temperature, power
     above soft for ``thermal_hold_s`` (at hard: at once): hold the top CPU consumer to
     ``thermal_throttle_factor`` of its usage; tighten by the same factor every hold while still
@@ -102,6 +106,7 @@ from edged.policy.victims import (
     format_quantity,
     key_of,
     rank_victims,
+    usage_of,
 )
 
 DYNAMIC_DEFAULTS: Mapping[str, float] = {
@@ -126,6 +131,7 @@ DYNAMIC_DEFAULTS: Mapping[str, float] = {
 # the order resources are looked at each tick (memory first: it is the one that kills machines)
 RESOURCES: tuple[Resource, ...] = (
     Resource.MEMORY,
+    Resource.GPU_MEMORY,
     Resource.CPU,
     Resource.TEMPERATURE,
     Resource.POWER,
@@ -282,6 +288,12 @@ class DynamicStrategy:
             if track.below_since_s is None:
                 track.below_since_s = state.now_s
             return self._freeze_limit_step(state, resource) or self._recover_step(state, resource)
+        if resource is Resource.GPU_MEMORY:
+            # no throttle or freeze gives GPU memory back (a frozen process keeps its
+            # allocations): only the hard level acts, by ending the largest holder
+            if limit.hard is not None and usage >= limit.hard:
+                return self._hard_step(state, resource, usage, limit.hard, present)
+            return None
         soft = limit.soft if limit.soft is not None else limit.hard
         assert soft is not None
         if usage >= soft:
@@ -319,7 +331,7 @@ class DynamicStrategy:
         """KILL a process still there ``grace_s`` after its SIGTERM (once)."""
         grace_s = self.settings["grace_s"]
         for key, term in list(self._terminations.items()):
-            grown = present[key].memory_bytes - term.victim.memory_bytes
+            grown = usage_of(present[key], term.resource) - usage_of(term.victim, term.resource)
             waited_s = state.now_s - term.sent_s
             why = ""
             if grown >= self.settings["term_growth_bytes"]:
@@ -347,8 +359,9 @@ class DynamicStrategy:
         hard: float,
         present: Mapping[ProcessKey, ProcessView],
     ) -> Action | None:
-        """Memory at hard: terminate the top victim unless one is already on its way out."""
-        if resource is not Resource.MEMORY:
+        """Memory (or GPU memory) at hard: terminate the top victim unless one is already on
+        its way out."""
+        if resource not in _EVICTING:
             return None  # CPU and the thermal ones run the soft ladder without a hold
         if any(t.resource is resource for t in self._terminations.values()):
             return None  # its memory is about to come back: do not kill a second one
@@ -358,6 +371,8 @@ class DynamicStrategy:
             self._growth_rates(resource),
             self.settings["growth_floor_bytes_per_s"],
         )
+        if resource is Resource.GPU_MEMORY:  # only a process holding some can give it back
+            victims = [v for v in victims if v.size > 0]
         if not victims:
             return None
         victim = victims[0]

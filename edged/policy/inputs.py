@@ -160,6 +160,7 @@ def process_views(
     self_pid = os.getpid() if self_pid is None else self_pid
     memory: dict[int, float] = {}
     cpu: dict[int, float] = {}
+    gpu_memory: dict[int, float] = {}
     attrs: dict[int, Mapping[str, AttrValue]] = {}
     for r in snapshot.readings:
         if r.metric == "process.memory.usage":
@@ -169,6 +170,9 @@ def process_views(
         elif r.metric == "process.cpu.utilization":
             pid = int(r.attributes["process.pid"])
             cpu[pid] = cpu.get(pid, 0.0) + r.value
+        elif r.metric == "hw.gpu.process.memory.usage":  # NVML: one reading per GPU and pid
+            pid = int(r.attributes["process.pid"])
+            gpu_memory[pid] = gpu_memory.get(pid, 0.0) + r.value
     views = []
     for pid, a in attrs.items():
         if pid not in start_ticks:
@@ -185,6 +189,7 @@ def process_views(
                 group=(groups or {}).get(pid),
                 client=str(client) if client else None,
                 protected=pid <= 1 or pid == self_pid,
+                gpu_memory_bytes=gpu_memory.get(pid, 0.0),
             )
         )
     return tuple(views)

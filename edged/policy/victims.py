@@ -47,12 +47,15 @@ def usage_of(process: ProcessView, resource: Resource) -> float:
     """The per-process quantity that drives ``resource``.
 
     Memory is bytes. CPU, power and temperature are all driven by CPU time, so they rank by
-    cores. GPU memory has no per-process figure in :class:`ProcessView` yet, so it reads 0.
+    cores. GPU memory is NVML's per-process figure, summed over GPUs (0 for a process NVML
+    does not list: it holds no GPU memory edged can see).
     """
     if resource is Resource.MEMORY:
         return process.memory_bytes
     if resource in (Resource.CPU, Resource.POWER, Resource.TEMPERATURE):
         return process.cpu_cores
+    if resource is Resource.GPU_MEMORY:
+        return process.gpu_memory_bytes
     return 0.0
 
 
