@@ -69,6 +69,8 @@ class Controller:
     events_capacity: int = 1000
     alerts: AlertTracker = field(default_factory=AlertTracker)
     scoped: bool = False  # [scope] cgroup set: memory and CPU are the governed group's
+    # delivers a NOTIFY to its client as budget.shrink; True when it was sent (the server's)
+    notify: Callable[[Action], bool] | None = None
 
     def __post_init__(self) -> None:
         self.events: deque[Event] = deque(maxlen=self.events_capacity)
@@ -109,10 +111,24 @@ class Controller:
         return [self._apply(action, state) for action in actions]
 
     def _apply(self, action: Action, state: State) -> Event:
+        if action.kind is ActionKind.NOTIFY:
+            return self._event(action, self._notify(action))
         outcome = self.enforcer.apply(action, decided_at_s=state.now_s)
         if outcome.status in (Status.DONE, Status.DRY_RUN):
             self._track(action, state.now_s)
         return self._event(action, outcome)
+
+    def _notify(self, action: Action) -> Outcome:
+        """A NOTIFY goes to the client through the server (``budget.shrink``), not the
+        enforcer: done when ``notify`` delivered it, skipped when there is no server or the
+        client is not connected (the strategy escalates when its deadline passes)."""
+        if self.notify is None:
+            return Outcome.skipped("no budget server to deliver it")
+        if self.enforcer.dry_run:
+            return Outcome.dry_run()
+        if not self.notify(action):
+            return Outcome.skipped("the client is not connected")
+        return Outcome.done(0.0)
 
     def _track(self, action: Action, now_s: float) -> None:
         if action.kind in _IMPOSING:

@@ -16,9 +16,10 @@ def test_makes_each_strategy(name: str) -> None:
     assert strategy.decide(make_state(0.0, {Resource.MEMORY: 1 * GIB})) == []
 
 
-def test_cooperative_is_named_as_missing() -> None:
-    with pytest.raises(ValueError, match="cooperative"):
-        make_strategy("cooperative", {})
+def test_every_strategy_the_config_names_is_built() -> None:
+    assert set(STRATEGY_NAMES) == {"dynamic", "predictive", "adaptive", "cooperative"}
+    with pytest.raises(ValueError, match="tolerance"):
+        make_strategy("cooperative", {"tolerance": 2})
 
 
 def test_unknown_name_and_setting() -> None:
