@@ -228,10 +228,13 @@ def test_properties_hold_over_any_sequence(sequence: list[tuple[Any, ...]]) -> N
                 assert out.available == before
         elif op[0] == "release":
             head = led.queue[0] if led.queue else None
+            # mostly a live lease (the k-th), sometimes an id that is not one
+            ids = sorted(led.leases)
+            lease_id = ids[op[1] % len(ids)] if ids and op[1] < 25 else 1000 + op[1]
             try:
-                change = led.release(op[1])
+                change = led.release(lease_id)
             except NoSuchLease:
-                assert op[1] not in led.leases
+                assert lease_id not in led.leases
             else:
                 # a release always admits the head of the queue if it now fits
                 if head is not None and head not in led.queue:
@@ -248,8 +251,9 @@ def test_properties_hold_over_any_sequence(sequence: list[tuple[Any, ...]]) -> N
                 lease.deadline_s is None or lease.deadline_s > clock.now_s
                 for lease in led.leases.values()
             )
-        elif op[1] in led.leases:
-            led.update(op[1], op[2])
+        elif led.leases:
+            ids = sorted(led.leases)
+            led.update(ids[op[1] % len(ids)], op[2])
         check_invariants(led)
     # no lease leaks: once every connection is closed nothing is held or queued
     for conn in range(1, 5):

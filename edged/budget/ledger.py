@@ -316,11 +316,14 @@ class Ledger:
         for key, target in (resources or {}).items():
             current = granted.get(key, 0.0)
             if target <= current:
-                granted[key] = target
+                amount = target
             elif not self.queue:
-                granted[key] = current + min(target - current, available.get(key, 0.0))
+                amount = current + min(target - current, available.get(key, 0.0))
+            else:
+                amount = current
+            granted[key] = amount
             requested[key] = target
-            minimum[key] = min(minimum.get(key, target), granted[key])
+            minimum[key] = min(minimum.get(key, amount), amount)
         new = replace(
             lease,
             granted=granted,
