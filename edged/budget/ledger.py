@@ -273,7 +273,7 @@ class Ledger:
             if lease.connection == connection:
                 del self.leases[lease_id]
                 change.released.append(lease)
-        kept = []
+        kept: list[Ask] = []
         for ask in self.queue:
             (change.cancelled if ask.connection == connection else kept).append(ask)
         self.queue = kept
@@ -287,7 +287,7 @@ class Ledger:
             if lease.deadline_s is not None and lease.deadline_s <= now_s:
                 del self.leases[lease_id]
                 change.revoked.append(lease)
-        kept = []
+        kept: list[Ask] = []
         for ask in self.queue:
             (change.timed_out if ask.wait_deadline_s <= now_s else kept).append(ask)
         self.queue = kept
@@ -370,9 +370,7 @@ class Ledger:
 
     def visible_to(self, uid: int | None) -> Iterable[Lease]:
         """Leases of ``uid`` (all of them for None: root or edged-admin)."""
-        return [
-            lease for lease in self.leases.values() if uid is None or lease.owner_uid == uid
-        ]
+        return [lease for lease in self.leases.values() if uid is None or lease.owner_uid == uid]
 
 
 def is_finite_amount(value: object) -> bool:
