@@ -218,6 +218,11 @@ class Daemon:
             recheck=still_needed(self._reread, limits),
             gpus=lever,
         )
+        if backend is not None and not enforcer.dry_run:
+            from edged.budget.enforce import CgroupLeases
+
+            # a lease's process gets its own group with the granted memory and CPU
+            self.budgets.enforcer = CgroupLeases(backend, store)
         alerts = AlertTracker(cfg.alerts.for_s, cfg.alerts.critical_for_s)
         self.controller = Controller(
             strategy, enforcer, cfg.limits, alerts=alerts, scoped=bool(self.scope_path)
