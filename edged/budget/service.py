@@ -77,16 +77,16 @@ class Cooperative:
 def capacity_of(
     capacity: Mapping[str, float], hard_limits: Mapping[str, float | None], budget: Budget
 ) -> tuple[dict[str, float], dict[str, float]]:
-    """(capacity, reserve) for the ledger: per resource, the hard limit where one is set, else
-    the total; the reserve resolved against that capacity (a percentage or an amount)."""
+    """(capacity, reserve) for the ledger: per resource the machine has, its hard limit where
+    one is set (capped by the total), else the total; the reserve resolved against that
+    capacity (a percentage or an amount)."""
     out: dict[str, float] = {}
     for key in RESOURCES:
         hard = hard_limits.get(key)
         total = capacity.get(key)
-        if hard is not None:
-            out[key] = hard if total is None else min(hard, total)
-        elif total is not None:
-            out[key] = total
+        if total is None:  # not on this machine (no GPU): nothing to grant, whatever the limit
+            continue
+        out[key] = total if hard is None else min(hard, total)
     reserve: dict[str, float] = {}
     for key, value in (
         ("memory", budget.reserve_memory),
