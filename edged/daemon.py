@@ -418,7 +418,7 @@ class Daemon:
             self.controller.step(snapshot, self.config.sampling.interval_s, start_ticks)
             extra = tuple(policy_readings(self.controller, self._forecasts()))
             snapshot = msgspec.structs.replace(snapshot, readings=snapshot.readings + extra)
-        self._update_budgets()
+        self._update_budgets(snapshot)
         self.latest = snapshot
         self.history.append(snapshot)
         self.ticks += 1
@@ -439,8 +439,10 @@ class Daemon:
             )
         self.notifier.watchdog()
 
-    def _update_budgets(self) -> None:
-        """The ledger's capacity from this tick (hard limits, else totals), then its queue."""
+    def _update_budgets(self, snapshot: Snapshot) -> None:
+        """The ledger's capacity from this tick (hard limits, else totals), then its queue;
+        GPU-memory leases against NVML's per-process figures."""
+        self.budgets.check_gpu(snapshot.readings)
         state = self.controller.last_state if self.controller is not None else None
         if state is None:
             return

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import os
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from edged.budget.service import BudgetService, capacity_of
 from edged.config import Budget
 from edged.server.server import Peer
+from edged.snapshot import Reading
 
 GIB = 1 << 30
 
@@ -51,3 +58,42 @@ def test_uid_of_and_admin_from_proc(tmp_path: Path) -> None:
     assert service.is_admin(Peer(pid=200, uid=1001, gid=1001))  # a supplementary group
     assert service.is_admin(Peer(pid=999, uid=1002, gid=27))  # the primary group
     assert not service.is_admin(Peer(pid=100, uid=1000, gid=1000))
+
+
+def test_gpu_memory_leases_are_checked_against_nvml_per_process_usage(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    notes: list[tuple[int, str, Any]] = []
+
+    def notify(connection: int, method: str, params: Any) -> bool:
+        notes.append((connection, method, params))
+        return True
+
+    service = BudgetService(notify)
+    service.set_capacity({"gpu_memory": 8.0 * GIB, "memory": 8.0 * GIB}, {})
+    me = Peer(pid=os.getpid(), uid=os.getuid(), gid=os.getgid(), connection=1)
+
+    async def scenario() -> None:
+        got = await service.request(me, {"resources": {"gpu_memory": 2 * GIB}})
+        lease = got["lease"]
+
+        def usage(pid: int, *per_gpu: int) -> list[Reading]:
+            return [
+                Reading("hw.gpu.process.memory.usage", v, {"hw.id": f"GPU-{i}", "process.pid": pid})
+                for i, v in enumerate(per_gpu)
+            ]
+
+        service.check_gpu(usage(os.getpid(), GIB, GIB // 2) + usage(1, 5 * GIB))
+        (entry,) = (await service.list_leases(me, {}))["leases"]
+        assert entry["lease"] == lease
+        assert (entry["gpu_memory_used_bytes"], entry["over_budget"]) == (GIB + GIB // 2, [])
+        with caplog.at_level(logging.WARNING):
+            service.check_gpu(usage(os.getpid(), 2 * GIB, GIB))
+        (entry,) = (await service.list_leases(me, {}))["leases"]
+        assert (entry["gpu_memory_used_bytes"], entry["over_budget"]) == (3 * GIB, ["gpu_memory"])
+        assert f"lease {lease}: pid {os.getpid()} uses 3072 MiB of GPU memory" in caplog.text
+        await service.release(me, {"lease": lease})
+        service.close()
+
+    asyncio.run(scenario())
+    assert notes == []  # nothing to notify: GPU memory is cooperative, no revocation

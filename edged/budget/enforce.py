@@ -48,6 +48,9 @@ class CgroupLeases:
         cores = lease.granted.get("cpu")
         memory_bytes = int(memory) if memory else None
         quota_cores = cores if cores else None
+        if memory_bytes is None and quota_cores is None:  # GPU memory only: no kernel lever
+            self.lift(lease)  # a resize to zero lifts what an earlier grant imposed
+            return {"how": "cooperative"}
         record = self.store.group(group)
         try:
             if str(pid) not in record.origins:

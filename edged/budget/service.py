@@ -22,7 +22,7 @@ import grp
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -40,6 +40,7 @@ from edged.config import Budget, parse_size_bytes
 from edged.server import protocol
 from edged.server.protocol import RpcError
 from edged.server.server import Deferred, Peer
+from edged.snapshot import Reading
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +129,7 @@ class BudgetService:
         self._waiting: dict[int, asyncio.Future[Any]] = {}  # ask id -> its deferred reply
         self._names: dict[int, str] = {}  # connection -> the client name it gave in hello
         self._timer: asyncio.TimerHandle | None = None
+        self._gpu_used: dict[int, float] = {}  # lease -> bytes NVML says its process uses
         try:
             self._admin_gid: int | None = grp.getgrnam(ADMIN_GROUP).gr_gid
         except KeyError:
@@ -140,6 +142,33 @@ class BudgetService:
         change = self.ledger.set_capacity(capacity, reserve)
         change.merge(self.ledger.expire())
         self._apply(change)
+
+    def check_gpu(self, readings: Iterable[Reading]) -> None:
+        """GPU memory has no kernel lever, so a GPU-memory lease is cooperative; each tick,
+        what NVML says its process uses (``hw.gpu.process.memory.usage``, summed over GPUs) is
+        compared with the grant: shown by ``budget.list`` and logged when it goes over."""
+        holders = [lease for lease in self.ledger.leases.values() if "gpu_memory" in lease.granted]
+        if not holders:
+            return
+        used: dict[int, float] = {}
+        for r in readings:
+            if r.metric == "hw.gpu.process.memory.usage":
+                pid = r.attributes.get("process.pid")
+                if isinstance(pid, int):
+                    used[pid] = used.get(pid, 0.0) + r.value
+        for lease in holders:
+            now = used.get(lease.target_pid, 0.0)
+            before = self._gpu_used.get(lease.id, 0.0)
+            granted = lease.granted["gpu_memory"]
+            if now > granted >= before:
+                log.warning(
+                    "lease %d: pid %d uses %.0f MiB of GPU memory, granted %.0f MiB",
+                    lease.id,
+                    lease.target_pid,
+                    now / (1 << 20),
+                    granted / (1 << 20),
+                )
+            self._gpu_used[lease.id] = now
 
     def name(self, connection: int, client: str) -> None:
         """The name a connection gave in ``hello`` (its processes' ``edged.client``)."""
@@ -320,7 +349,7 @@ class BudgetService:
                 for line in f:
                     if line.startswith(name):
                         return line[len(name) :].strip()
-        except (FileNotFoundError, ProcessLookupError, NotADirectoryError):
+        except OSError:  # gone (ENOENT, ESRCH), or hidden from us: not a process we can vouch for
             return None
         return None
 
@@ -357,6 +386,7 @@ class BudgetService:
     def _end(self, lease: Lease) -> None:
         """A lease ended (release, close, ttl): lift its enforcement, stop watching."""
         self._enforced.pop(lease.id, None)
+        self._gpu_used.pop(lease.id, None)
         try:
             self.enforcer.lift(lease)
         except OSError as exc:
@@ -452,6 +482,10 @@ class BudgetService:
             out["expires_in_s"] = round(max(0.0, lease.deadline_s - now_s), 3)
         if lease.gpu is not None:
             out["gpu"] = lease.gpu
+        if lease.id in self._gpu_used:
+            used = self._gpu_used[lease.id]
+            out["gpu_memory_used_bytes"] = round(used)
+            out["over_budget"] = ["gpu_memory"] if used > lease.granted["gpu_memory"] else []
         return out
 
 

@@ -276,7 +276,7 @@ class Server:
             log.exception("handler for a request from pid %d failed", peer.pid)
             return protocol.encode_error(rid, protocol.INTERNAL_ERROR, "internal error")
         if isinstance(result, Deferred):
-            return rid, result
+            return (rid, result) if request.has_id else None
         if not request.has_id:
             return None  # a notification gets no reply
         return protocol.encode_result(rid, result)
