@@ -120,3 +120,35 @@ def test_a_lease_is_enforced_and_lifted_within_100_ms_of_the_clients_death(
     assert removed_s < 0.1
     assert not (CGROUP / "cpu" / group).exists()
     assert daemon.call("budget.list")["leases"] == []
+
+
+def test_a_lease_left_by_a_killed_daemon_is_lifted_at_the_next_start(
+    tmp_path: Path, spinner: subprocess.Popen[str]
+) -> None:
+    origin = memory_cgroup(spinner.pid)
+    env = {"STATE_DIRECTORY": str(tmp_path / "state")}
+    (tmp_path / "first").mkdir()
+    (tmp_path / "second").mkdir()
+    first = start_daemon(tmp_path / "first", "--interval", "0.2", env=env)
+    try:
+        with ClientProcess(first.socket_path) as client:
+            got = client.call(
+                "budget.request", {"resources": {"memory": 256 * MiB}, "pid": spinner.pid}
+            )
+            group = got["enforced"]["group"]
+            assert memory_cgroup(spinner.pid) == f"/{group}"
+            first.proc.kill()  # no chance to lift anything
+            first.proc.wait()
+        assert memory_cgroup(spinner.pid) == f"/{group}"  # still held
+        recorded = json.loads((tmp_path / "state" / "imposed.json").read_text())["groups"]
+        assert recorded[group]["memory_max_bytes"] == 256 * MiB
+    finally:
+        if first.proc.poll() is None:
+            first.stop()
+    second = start_daemon(tmp_path / "second", "--interval", "0.2", env=env)
+    try:
+        assert memory_cgroup(spinner.pid) == origin
+        assert not (CGROUP / "memory" / group).exists()
+        assert "lifted 1 changes a previous run left in force" in second.log()
+    finally:
+        assert second.stop() == 0
