@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import pwd
 import queue
 import shutil
 import socket
 import subprocess
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,10 +83,13 @@ class Connection:
 
 
 class ClientProcess(Connection):
-    """A real client process (``socat - UNIX-CONNECT:socket``), optionally under another user.
-    The daemon sees its pid and uid (SO_PEERCRED)."""
+    """A real client process (``socat - UNIX-CONNECT:socket``), optionally under another user
+    (with that user's primary group and only the supplementary ``groups`` given). The daemon
+    sees its pid, uid and gid (SO_PEERCRED)."""
 
-    def __init__(self, socket_path: Path, user: str | None = None) -> None:
+    def __init__(
+        self, socket_path: Path, user: str | None = None, groups: Sequence[str] = ()
+    ) -> None:
         super().__init__()
         socat = shutil.which("socat")
         if socat is None:
@@ -93,7 +98,7 @@ class ClientProcess(Connection):
             [socat, "-", f"UNIX-CONNECT:{socket_path}"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            user=user,
+            **as_user(user, groups),
         )
         assert self.proc.stdin is not None
         self._stdin = self.proc.stdin
@@ -127,6 +132,14 @@ class ClientProcess(Connection):
             self.proc.stdin.close()
         if self.proc.stdout is not None:
             self.proc.stdout.close()
+
+
+def as_user(user: str | None, groups: Sequence[str] = ()) -> dict[str, Any]:
+    """Popen arguments that run a child as ``user`` with its primary group and exactly the
+    supplementary ``groups`` (not the test's root groups)."""
+    if user is None:
+        return {}
+    return {"user": user, "group": pwd.getpwnam(user).pw_gid, "extra_groups": list(groups)}
 
 
 class InTest(Connection):

@@ -7,6 +7,7 @@ on any machine: capacity is the memory hard limit (default 95% of MemTotal) less
 from __future__ import annotations
 
 import contextlib
+import grp
 import os
 import pwd
 import shutil
@@ -20,10 +21,11 @@ from typing import Any
 
 import pytest
 
-from tests.budget_util import ClientProcess, InTest
+from tests.budget_util import ClientProcess, InTest, as_user
 from tests.daemon_util import RunningDaemon, start_daemon
 
 TEST_USER = "edged-test-user"
+ADMIN_GROUP = "edged-admin"
 
 
 @pytest.fixture
@@ -288,6 +290,7 @@ def test_another_uid_cannot_touch_roots_process_or_leases(
         ):
             hello = other.call("hello", {"client": "other", "protocol": 1})
             assert hello["peer"] == {"pid": other.pid, "uid": test_user.pw_uid}
+            assert hello["peer"]["uid"] != 0
             roots = root.call("budget.request", {"resources": {"cpu": 0.2}})["lease"]
 
             assert other.error("budget.release", {"lease": roots})["code"] == 1003
@@ -299,7 +302,7 @@ def test_another_uid_cannot_touch_roots_process_or_leases(
             assert other.error("budget.request", critical)["code"] == 1003
 
             own = other.call("budget.request", {"resources": {"cpu": 0.1}})["lease"]
-            sleeper = subprocess.Popen(["sleep", "60"], user=TEST_USER)
+            sleeper = subprocess.Popen(["sleep", "60"], **as_user(TEST_USER))
             child = other.call("budget.request", {"resources": {"cpu": 0.1}, "pid": sleeper.pid})
             seen = other.call("budget.list")["leases"]
             assert [x["lease"] for x in seen] == [own, child["lease"]]
@@ -317,6 +320,58 @@ def test_another_uid_cannot_touch_roots_process_or_leases(
         if sleeper is not None:
             sleeper.kill()
             sleeper.wait()
+        assert daemon.stop() == 0
+        with contextlib.suppress(OSError):
+            shutil.rmtree(directory)
+
+
+@pytest.fixture(scope="module")
+def admin_group() -> Iterator[str]:
+    """Group ``edged-admin``, created for this module if missing (removed again only then)."""
+    if os.geteuid() != 0:
+        pytest.skip("creating a group needs root")
+    try:
+        grp.getgrnam(ADMIN_GROUP)
+    except KeyError:
+        if shutil.which("groupadd") is None:
+            pytest.skip("groupadd is not installed")
+        subprocess.run(["groupadd", "--system", ADMIN_GROUP], check=True)
+        created = True
+    else:
+        created = False
+    try:
+        yield ADMIN_GROUP
+    finally:
+        if created:
+            subprocess.run(["groupdel", ADMIN_GROUP], check=False)
+
+
+@pytest.mark.root
+def test_a_member_of_edged_admin_may_act_on_any_lease(
+    test_user: pwd.struct_passwd, admin_group: str
+) -> None:
+    directory = Path(tempfile.mkdtemp(prefix="edged-budget-"))
+    directory.chmod(0o755)
+    daemon = start_daemon(directory, "--dry-run", "--interval", "0.2")  # after the group exists
+    try:
+        daemon.socket_path.chmod(0o666)
+        with (
+            InTest(daemon.socket_path) as root,
+            ClientProcess(daemon.socket_path, user=TEST_USER, groups=[admin_group]) as admin,
+            ClientProcess(daemon.socket_path, user=TEST_USER) as plain,
+        ):
+            roots = root.call("budget.request", {"resources": {"cpu": 0.2}})["lease"]
+            # the same uid without the group is refused, with it allowed
+            assert plain.error("budget.release", {"lease": roots})["code"] == 1003
+            assert [x["lease"] for x in admin.call("budget.list")["leases"]] == [roots]
+            for_root = admin.call(
+                "budget.request",
+                {"resources": {"cpu": 0.1}, "pid": os.getpid(), "class": "critical"},
+            )
+            assert admin.call("budget.release", {"lease": roots}) == {}
+            assert admin.call("budget.release", {"lease": for_root["lease"]}) == {}
+            assert root.call("budget.list")["leases"] == []
+    finally:
         assert daemon.stop() == 0
         with contextlib.suppress(OSError):
             shutil.rmtree(directory)
