@@ -97,3 +97,35 @@ def test_gpu_memory_leases_are_checked_against_nvml_per_process_usage(
 
     asyncio.run(scenario())
     assert notes == []  # nothing to notify: GPU memory is cooperative, no revocation
+
+
+def test_shrink_tells_the_connections_holding_a_lease_on_the_pid() -> None:
+    notes: list[tuple[int, str, Any]] = []
+
+    def notify(connection: int, method: str, params: Any) -> bool:
+        notes.append((connection, method, params))
+        return True
+
+    service = BudgetService(notify)
+    service.set_capacity({"memory": 8.0 * GIB, "cpu": 4.0}, {})
+    me = Peer(pid=os.getpid(), uid=os.getuid(), gid=os.getgid(), connection=7)
+
+    async def scenario() -> None:
+        lease = (await service.request(me, {"resources": {"memory": GIB}}))["lease"]
+        assert service.shrink(os.getpid(), 0.5 * GIB, 5.0, "soft") == [lease]
+        assert service.shrink(1, 0.5 * GIB, 5.0, "soft") == []
+        assert notes == [
+            (
+                7,
+                "budget.shrink",
+                {
+                    "lease": lease,
+                    "target": {"memory": GIB // 2},
+                    "deadline_s": 5.0,
+                    "reason": "soft",
+                },
+            )
+        ]
+        service.close()
+
+    asyncio.run(scenario())

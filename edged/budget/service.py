@@ -170,6 +170,25 @@ class BudgetService:
                 )
             self._gpu_used[lease.id] = now
 
+    def shrink(self, pid: int, target_bytes: float, deadline_s: float, reason: str) -> list[int]:
+        """Ask the holders of leases on ``pid`` to bring its memory to ``target_bytes`` within
+        ``deadline_s`` (a ``budget.shrink`` notification on each lease's connection); returns
+        the leases told. The hook for a strategy's NOTIFY action; the ledger is unchanged (the
+        client answers with ``budget.update``)."""
+        told = []
+        for lease in self.ledger.leases.values():
+            if lease.target_pid != pid:
+                continue
+            params = {
+                "lease": lease.id,
+                "target": {"memory": round(target_bytes)},
+                "deadline_s": deadline_s,
+                "reason": reason,
+            }
+            if self._notify(lease.connection, "budget.shrink", params):
+                told.append(lease.id)
+        return told
+
     def name(self, connection: int, client: str) -> None:
         """The name a connection gave in ``hello`` (its processes' ``edged.client``)."""
         self._names[connection] = client[:64]
