@@ -124,6 +124,11 @@ def test_a_queued_request_is_granted_on_release_with_a_notification(
         waiting = b.send("budget.request", {"resources": {"memory": memory // 2}, "wait": 30})
         assert b.quiet(0.5)  # queued: no answer yet
         assert [q["pid"] for q in a.call("budget.list")["queued"]] == [b.pid]
+        # one that would fit does not overtake it: refused, and told why
+        behind = a.error("budget.request", {"resources": {"memory": 1}})
+        assert behind["code"] == 1001
+        assert behind["data"]["queued_ahead"] == 1
+        assert behind["data"]["available"]["memory"] >= 1
         # the connection is still served while its request waits; a second request queues
         # behind the first (fair order) and times out
         started_s = time.monotonic()

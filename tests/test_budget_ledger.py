@@ -84,6 +84,11 @@ def test_a_queued_request_is_granted_on_release_in_fair_order() -> None:
     urgent = ask(led, conn=4, requested={"memory": 9 * GIB}, klass="critical", wait_s=10)
     assert isinstance(urgent, Queued)
     assert [a.id for a in led.queue] == [urgent.ask.id, big.ask.id, small.ask.id]
+    # without wait, a request that would fit is refused while others of its class wait
+    now = ask(led, conn=5, requested={"memory": 1 * GIB})
+    assert isinstance(now, Refused)
+    assert (now.available["memory"], now.queued_ahead) == (2 * GIB, 3)
+    assert isinstance(ask(led, conn=5, requested={"memory": 1.0}, klass="critical"), Refused)
     change = led.release(holder.lease.id)
     assert [g.lease.id for g in change.granted] == [urgent.ask.id]  # class first
     change = led.close(4)

@@ -95,6 +95,7 @@ class Queued:
 @dataclass(frozen=True)
 class Refused:
     available: Amounts
+    queued_ahead: int = 0  # queued requests it may not overtake (it may fit, yet waits its turn)
 
 
 @dataclass
@@ -217,7 +218,7 @@ class Ledger:
         now_s = self._clock()
         available = self.available()
         # a queued ask of the same or a higher class is served first
-        ahead = any(CLASS_ORDER[a.klass] <= CLASS_ORDER[klass] for a in self.queue)
+        ahead = sum(1 for a in self.queue if CLASS_ORDER[a.klass] <= CLASS_ORDER[klass])
         amounts = None if ahead else fit(requested, minimum, available)
         lease_id = next(self._ids)
         if amounts is not None:
@@ -238,7 +239,7 @@ class Ledger:
             self.leases[lease_id] = lease
             return Granted(lease)
         if wait_s <= 0:
-            return Refused(available)
+            return Refused(available, ahead)
         ask = Ask(
             id=lease_id,
             seq=next(self._seq),

@@ -290,11 +290,13 @@ class BudgetService:
             future.add_done_callback(lambda _f: self._abandoned(ask))
             self._schedule()
             return Deferred(future)
-        raise RpcError(
-            protocol.INSUFFICIENT_RESOURCES,
-            "insufficient resources",
-            {"available": _amounts(outcome.available), "requested": _amounts(resources)},
-        )
+        data: dict[str, Any] = {
+            "available": _amounts(outcome.available),
+            "requested": _amounts(resources),
+        }
+        if outcome.queued_ahead:
+            data["queued_ahead"] = outcome.queued_ahead
+        raise RpcError(protocol.INSUFFICIENT_RESOURCES, "insufficient resources", data)
 
     async def update(self, peer: Peer, params: Mapping[str, Any]) -> Any:
         _only(params, {"lease", "resources", "usage"})
