@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 
 from edged.budget.service import BudgetService, capacity_of
 from edged.config import Budget
+from edged.policy.base import Action, ActionKind, ProcessClass, Resource
 from edged.server.server import Peer
 from edged.snapshot import Reading
 
@@ -110,22 +112,28 @@ def test_shrink_tells_the_connections_holding_a_lease_on_the_pid() -> None:
     service.set_capacity({"memory": 8.0 * GIB, "cpu": 4.0}, {})
     me = Peer(pid=os.getpid(), uid=os.getuid(), gid=os.getgid(), connection=7)
 
+    def shrink_note(lease: int, target_bytes: int) -> tuple[int, str, Any]:
+        params = {"lease": lease, "target": {"memory": target_bytes}, "deadline_s": 5.0}
+        return (7, "budget.shrink", {**params, "reason": "soft"})
+
     async def scenario() -> None:
         lease = (await service.request(me, {"resources": {"memory": GIB}}))["lease"]
-        assert service.shrink(os.getpid(), 0.5 * GIB, 5.0, "soft") == [lease]
-        assert service.shrink(1, 0.5 * GIB, 5.0, "soft") == []
-        assert notes == [
-            (
-                7,
-                "budget.shrink",
-                {
-                    "lease": lease,
-                    "target": {"memory": GIB // 2},
-                    "deadline_s": 5.0,
-                    "reason": "soft",
-                },
-            )
-        ]
+        assert service.shrink(os.getpid(), {"memory": 0.5 * GIB}, 5.0, "soft") == [lease]
+        assert service.shrink(1, {"memory": 0.5 * GIB}, 5.0, "soft") == []
+        # the controller's NOTIFY hook
+        action = Action(
+            ActionKind.NOTIFY,
+            os.getpid(),
+            Resource.MEMORY,
+            "soft",
+            "cooperative",
+            ProcessClass.NORMAL,
+            target=0.25 * GIB,
+            deadline_s=5.0,
+        )
+        assert service.notify_action(action)
+        assert not service.notify_action(dataclasses.replace(action, pid=1))
+        assert notes == [shrink_note(lease, GIB // 2), shrink_note(lease, GIB // 4)]
         service.close()
 
     asyncio.run(scenario())

@@ -37,6 +37,7 @@ from edged.budget.ledger import (
     Queued,
 )
 from edged.config import Budget, parse_size_bytes
+from edged.policy.base import Action
 from edged.server import protocol
 from edged.server.protocol import RpcError
 from edged.server.server import Deferred, Peer
@@ -170,24 +171,34 @@ class BudgetService:
                 )
             self._gpu_used[lease.id] = now
 
-    def shrink(self, pid: int, target_bytes: float, deadline_s: float, reason: str) -> list[int]:
-        """Ask the holders of leases on ``pid`` to bring its memory to ``target_bytes`` within
-        ``deadline_s`` (a ``budget.shrink`` notification on each lease's connection); returns
-        the leases told. The hook for a strategy's NOTIFY action; the ledger is unchanged (the
-        client answers with ``budget.update``)."""
+    def shrink(
+        self, pid: int, target: Mapping[str, float], deadline_s: float, reason: str
+    ) -> list[int]:
+        """Ask the holders of leases on ``pid`` to come down to ``target`` (``{"memory":
+        bytes}``) within ``deadline_s`` (a ``budget.shrink`` notification on each lease's
+        connection); returns the leases told. The ledger is unchanged: the client answers with
+        ``budget.update``."""
         told = []
         for lease in self.ledger.leases.values():
             if lease.target_pid != pid:
                 continue
             params = {
                 "lease": lease.id,
-                "target": {"memory": round(target_bytes)},
+                "target": _amounts(target),
                 "deadline_s": deadline_s,
                 "reason": reason,
             }
             if self._notify(lease.connection, "budget.shrink", params):
                 told.append(lease.id)
         return told
+
+    def notify_action(self, action: Action) -> bool:
+        """A strategy's NOTIFY as ``budget.shrink`` to the client holding a lease on its
+        process (the controller's ``notify`` hook); False when no connected client holds one."""
+        if action.target is None:
+            return False
+        target = {action.resource.value: action.target}
+        return bool(self.shrink(action.pid, target, action.deadline_s or 0.0, action.reason))
 
     def name(self, connection: int, client: str) -> None:
         """The name a connection gave in ``hello`` (its processes' ``edged.client``)."""
