@@ -256,7 +256,7 @@ class BudgetService:
                     raise _bad(f"min.{key} must not exceed resources.{key}")
                 minimum[key] = least
         klass = params.get("class", "normal")
-        if klass not in CLASS_ORDER:
+        if not isinstance(klass, str) or klass not in CLASS_ORDER:
             raise _bad(f"class must be one of {', '.join(CLASS_ORDER)}")
         admin = self.is_admin(peer)
         if klass == "critical" and not admin:
