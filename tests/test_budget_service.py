@@ -10,11 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edged.budget.service import BudgetService, capacity_of
 from edged.config import Budget
 from edged.policy.base import Action, ActionKind, ProcessClass, Resource
-from edged.server.server import Peer
+from edged.server.protocol import RpcError
+from edged.server.server import Deferred, Peer
 from edged.snapshot import Reading
 
 GIB = 1 << 30
@@ -137,3 +140,50 @@ def test_shrink_tells_the_connections_holding_a_lease_on_the_pid() -> None:
         service.close()
 
     asyncio.run(scenario())
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+keys = st.sampled_from(
+    ["resources", "min", "class", "pid", "wait", "ttl", "lease", "usage", "memory", "cpu", "gpu"]
+)
+params_strategy = st.dictionaries(
+    keys, json_values | st.dictionaries(keys, json_values), max_size=4
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from(["budget.request", "budget.update", "budget.release", "budget.list"]),
+    params_strategy,
+)
+def test_any_params_get_a_result_or_an_rpc_error_never_a_crash(
+    method: str, params: dict[str, Any]
+) -> None:
+    service = BudgetService(lambda *_: True)
+    service.set_capacity({"memory": 8.0 * GIB, "cpu": 4.0}, {})
+    me = Peer(pid=os.getpid(), uid=os.getuid(), gid=os.getgid(), connection=1)
+
+    async def call() -> int:
+        await service.request(me, {"resources": {"cpu": 1}})  # lease 1 exists
+        code = 0
+        try:
+            result = await service.methods()[method](me, params)
+        except RpcError as exc:
+            code = exc.code
+        else:
+            if isinstance(result, Deferred):
+                result.future.cancel()
+        service.close()
+        return code
+
+    assert asyncio.run(call()) in (0, -32602, 1001, 1003, 1004)
