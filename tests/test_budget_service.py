@@ -153,22 +153,21 @@ json_values = st.recursive(
     ),
     max_leaves=8,
 )
-keys = st.sampled_from(
-    ["resources", "min", "class", "pid", "wait", "ttl", "lease", "usage", "memory", "cpu", "gpu"]
-)
-params_strategy = st.dictionaries(
-    keys, json_values | st.dictionaries(keys, json_values), max_size=4
-)
+ALLOWED = {
+    "budget.request": ["resources", "min", "class", "pid", "wait", "ttl"],
+    "budget.update": ["lease", "resources", "usage"],
+    "budget.release": ["lease"],
+    "budget.list": ["lease"],
+}
+inner_keys = st.sampled_from(["memory", "cpu", "gpu_memory", "gpu", "disk"])
+values = json_values | st.dictionaries(inner_keys, json_values, max_size=3)
 
 
-@settings(max_examples=300, deadline=None)
-@given(
-    st.sampled_from(["budget.request", "budget.update", "budget.release", "budget.list"]),
-    params_strategy,
-)
-def test_any_params_get_a_result_or_an_rpc_error_never_a_crash(
-    method: str, params: dict[str, Any]
-) -> None:
+@settings(max_examples=400, deadline=None)
+@given(st.data())
+def test_any_params_get_a_result_or_an_rpc_error_never_a_crash(data: st.DataObject) -> None:
+    method = data.draw(st.sampled_from(sorted(ALLOWED)))
+    params = data.draw(st.dictionaries(st.sampled_from(ALLOWED[method]), values, max_size=3))
     service = BudgetService(lambda *_: True)
     service.set_capacity({"memory": 8.0 * GIB, "cpu": 4.0}, {})
     me = Peer(pid=os.getpid(), uid=os.getuid(), gid=os.getgid(), connection=1)
@@ -177,7 +176,9 @@ def test_any_params_get_a_result_or_an_rpc_error_never_a_crash(
         await service.request(me, {"resources": {"cpu": 1}})  # lease 1 exists
         code = 0
         try:
-            result = await service.methods()[method](me, params)
+            # valid params with some replaced or added, so later checks are reached too
+            base = {"resources": {"cpu": 0.5}} if method == "budget.request" else {"lease": 1}
+            result = await service.methods()[method](me, {**base, **params})
         except RpcError as exc:
             code = exc.code
         else:
