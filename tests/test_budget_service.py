@@ -177,7 +177,10 @@ def test_any_params_get_a_result_or_an_rpc_error_never_a_crash(data: st.DataObje
         code = 0
         try:
             # valid params with some replaced or added, so later checks are reached too
-            base = {"resources": {"cpu": 0.5}} if method == "budget.request" else {"lease": 1}
+            base: dict[str, Any] = {
+                "budget.request": {"resources": {"cpu": 0.5}},
+                "budget.list": {},
+            }.get(method, {"lease": 1})
             result = await service.methods()[method](me, {**base, **params})
         except RpcError as exc:
             code = exc.code
