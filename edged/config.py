@@ -264,6 +264,33 @@ class Scope(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return "/" + self.cgroup.strip("/") if self.cgroup else ""
 
 
+class Budget(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What budgets may not take. The capacity budgets share is the hard limit of each resource
+    (``[limits]``), else the machine's total (MemTotal, the CPU count, the GPUs' memory); the
+    reserve is kept out of it for everything that holds no budget (the system, edged itself).
+    A reserve is an amount (bytes for memory, cores for CPU) or a percentage of the capacity."""
+
+    reserve_memory: float | int | str = "10%"
+    reserve_cpu: float | int | str = "10%"
+    reserve_gpu_memory: float | int | str = 0
+
+    def __post_init__(self) -> None:
+        for name in ("reserve_memory", "reserve_cpu", "reserve_gpu_memory"):
+            value = getattr(self, name)
+            try:
+                if isinstance(value, str) and value.strip().endswith("%"):
+                    percent = float(value.strip()[:-1])
+                    if not 0 <= percent <= 100:
+                        raise ValueError(f"a percentage must be in [0, 100]; got {value!r}")
+                elif name == "reserve_cpu":
+                    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                        raise ValueError(f"expected cores (>= 0) or a percentage; got {value!r}")
+                else:
+                    parse_size_bytes(value)
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from exc
+
+
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     sampling: Sampling = msgspec.field(default_factory=Sampling)
     limits: Limits = msgspec.field(default_factory=Limits)
@@ -274,6 +301,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     enforce: Enforce = msgspec.field(default_factory=Enforce)
     alerts: Alerts = msgspec.field(default_factory=Alerts)
     scope: Scope = msgspec.field(default_factory=Scope)
+    budget: Budget = msgspec.field(default_factory=Budget)
     root: str = ""  # prefix for /proc, /sys, /etc (tests and `--root`); empty: the real ones
 
 

@@ -22,6 +22,7 @@ import msgspec
 
 from edged import __version__
 from edged import config as config_mod
+from edged.budget.service import BudgetService, capacity_of
 from edged.history import History
 from edged.sampler import Sampler
 from edged.sensors import Roots, Sensor, SensorError, discover_all
@@ -76,7 +77,14 @@ class Daemon:
         self.history = History(self._history_capacity(config))
         self.telemetry: Telemetry | None = None
         self.notifier = Notifier(self._environ)
-        self.server = Server(self._methods(), max_clients=config.server.max_clients)
+        self.budgets = BudgetService(
+            self._notify, proc=self.roots.proc, watch=self._watch, unwatch=self._unwatch
+        )
+        self.server = Server(
+            self._methods(),
+            max_clients=config.server.max_clients,
+            on_close=self.budgets.connection_closed,
+        )
         self.socket_path: Path | None = None
         self._socket_owned = False
         self._stop = asyncio.Event()
@@ -227,9 +235,19 @@ class Daemon:
             gpus=lever,
             units=units,
         )
+        if backend is not None and not enforcer.dry_run:
+            from edged.budget.enforce import CgroupLeases
+
+            # a lease's process gets its own group with the granted memory and CPU
+            self.budgets.enforcer = CgroupLeases(backend, store)
         alerts = AlertTracker(cfg.alerts.for_s, cfg.alerts.critical_for_s)
         self.controller = Controller(
-            strategy, enforcer, cfg.limits, alerts=alerts, scoped=bool(self.scope_path)
+            strategy,
+            enforcer,
+            cfg.limits,
+            alerts=alerts,
+            scoped=bool(self.scope_path),
+            notify=self.budgets.notify_action,  # NOTIFY -> budget.shrink to the lease holder
         )
         log.info(
             "strategy %s, enforcing with %s%s%s%s",
@@ -423,6 +441,7 @@ class Daemon:
             self.controller.step(snapshot, self.config.sampling.interval_s, start_ticks)
             extra = tuple(policy_readings(self.controller, self._forecasts()))
             snapshot = msgspec.structs.replace(snapshot, readings=snapshot.readings + extra)
+        self._update_budgets(snapshot)
         self.latest = snapshot
         self.history.append(snapshot)
         self.ticks += 1
@@ -442,6 +461,29 @@ class Daemon:
                 self.config.sampling.interval_s,
             )
         self.notifier.watchdog()
+
+    def _update_budgets(self, snapshot: Snapshot) -> None:
+        """The ledger's capacity from this tick (hard limits, else totals), then its queue;
+        GPU-memory leases against NVML's per-process figures."""
+        self.budgets.check_gpu(snapshot.readings)
+        state = self.controller.last_state if self.controller is not None else None
+        if state is None:
+            return
+        hard = {r.value: limit.hard for r, limit in state.limits.items()}
+        totals = {r.value: amount for r, amount in state.capacity.items()}
+        capacity, reserve = capacity_of(totals, hard, self.config.budget)
+        self.budgets.set_capacity(capacity, reserve)
+
+    def _notify(self, connection: int, method: str, params: Any) -> bool:
+        return self.server.notify(connection, method, params)
+
+    def _watch(self, pid: int, klass: str, client: str) -> bool:
+        """A lease holder is sampled from now on, with ``edged.client`` = its name."""
+        return self._processes.watch(pid, klass, client) if self._processes else False
+
+    def _unwatch(self, pid: int) -> None:
+        if self._processes is not None:
+            self._processes.unwatch(pid)
 
     # ---- reload and shutdown ------------------------------------------------------------
 
@@ -473,6 +515,7 @@ class Daemon:
                 return
             if old_sampler is not None:
                 old_sampler.close()
+            self.budgets.rewatch()  # the new process sensor samples the lease holders too
             if self._history_capacity(new) != self.history.capacity:
                 self.history = History(self._history_capacity(new))
         if new.alerts != old.alerts and self.controller is not None:
@@ -486,6 +529,7 @@ class Daemon:
         self.notifier.ready("configuration reloaded")
 
     def _shutdown_parts(self) -> None:
+        self.budgets.close()  # leases end before the restore lifts what is left
         if self._restore is not None:
             try:
                 lifted = self._restore()
@@ -518,10 +562,14 @@ class Daemon:
             "snapshot": self._snapshot,
             "history": self._history,
             "events": self._events,
+            **self.budgets.methods(),
         }
 
     async def _hello(self, peer: Peer, params: Mapping[str, Any]) -> Any:
         version = params.get("protocol", protocol.PROTOCOL_VERSION)
+        client = params.get("client")
+        if isinstance(client, str) and client:
+            self.budgets.name(peer.connection, client)
         if version != protocol.PROTOCOL_VERSION:
             raise protocol.RpcError(
                 protocol.INVALID_PARAMS, f"unsupported protocol {version!r}; this server speaks 1"
@@ -556,6 +604,7 @@ class Daemon:
             "usage": usage,
             "sources": [msgspec.to_builtins(s) for s in (snap.sources if snap else ())],
             "clients": len(self.server.clients),
+            "budget": self.budgets.summary(),
             "alerts": self.controller.alert_status() if self.controller is not None else [],
         }
         if self.scope_path:

@@ -79,6 +79,10 @@ def test_precedence_file_dropin_env_flags(tmp_path: Path) -> None:
         ('[scope]\ncgroup = "/a//b"\n', "scope", "plain cgroup path"),
         ("[scope]\ncgroup = 5\n", "scope.cgroup", "Expected `str`"),
         ('[scope]\npath = "/bench"\n', "scope.path", "unknown key"),
+        ('[budget]\nreserve_memory = "lots"\n', "budget", "reserve_memory: expected a size"),
+        ('[budget]\nreserve_cpu = "120%"\n', "budget", "reserve_cpu: a percentage"),
+        ("[budget]\nreserve_cpu = -1\n", "budget", "reserve_cpu: expected cores"),
+        ("[budget]\nreserve = 1\n", "budget.reserve", "unknown key"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path: Path, text: str, key: str, fragment: str) -> None:
@@ -192,6 +196,7 @@ def test_the_shipped_example_config_is_valid_and_matches_the_defaults() -> None:
         default.alerts.critical_for_s,
     )
     assert config.scope == default.scope
+    assert config.budget == default.budget
     assert config.limits == cfg.Config().limits
     assert config.telemetry.prometheus == cfg.Config().telemetry.prometheus
 

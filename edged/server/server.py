@@ -1,7 +1,11 @@
 """The asyncio Unix-socket server: framing, peer credentials, bounded connections.
 
 It runs in the daemon's event loop. A handler is ``async (peer, params) -> result``; the
-method table is the daemon's (read-only methods today; budgets come with the ledger).
+method table is the daemon's. Each connection has a number (``Peer.connection``): a handler
+pushes notifications on its connection with :meth:`Server.notify`, and the ``on_close`` hook
+is told the moment a connection ends (EOF, reset, the client killed), which is how a budget
+dies with its connection. A handler that cannot answer yet returns :class:`Deferred`: the reply
+is written when its future is done, and the connection's next lines are read meanwhile.
 A line that is not JSON gets a -32700 reply with ``"id": null`` and the connection stays open;
 an oversized line gets an error reply and the connection is closed; neither affects other
 clients.
@@ -12,13 +16,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import grp
+import itertools
 import logging
 import os
 import socket
 import stat
 import struct
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +40,17 @@ class Peer:
     pid: int
     uid: int
     gid: int
+    connection: int = field(default=0, compare=False)  # the server's number for the connection
+
+
+class Deferred:
+    """A reply that is not ready yet (a budget request waiting in the queue). The server
+    writes the future's result (or its RpcError) as the reply when it is done, and keeps
+    reading the connection meanwhile, so the client can still release other leases and its
+    close is seen at once. The future is cancelled if the connection ends first."""
+
+    def __init__(self, future: asyncio.Future[Any]) -> None:
+        self.future = future
 
 
 Handler = Callable[[Peer, Mapping[str, Any]], Awaitable[Any]]
@@ -94,11 +110,15 @@ class Server:
         methods: Mapping[str, Handler],
         max_clients: int = 64,
         max_line_bytes: int = protocol.MAX_LINE_BYTES,
+        on_close: Callable[[int], None] | None = None,
     ) -> None:
         self.methods = dict(methods)
         self.max_clients = max_clients
         self.max_line_bytes = max_line_bytes
+        self.on_close = on_close  # called with the connection number when one ends
         self.clients: set[asyncio.StreamWriter] = set()
+        self._writers: dict[int, asyncio.StreamWriter] = {}
+        self._numbers = itertools.count(1)
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.closing = False
@@ -127,12 +147,27 @@ class Server:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
 
+    def notify(self, connection: int, method: str, params: Any) -> bool:
+        """Push a notification on a connection; False if it is gone. Not awaited: messages
+        are small and a client that does not read will be closed by the kernel's buffer
+        limits long before it matters."""
+        writer = self._writers.get(connection)
+        if writer is None or writer.is_closing():
+            return False
+        try:
+            writer.write(protocol.encode_notification(method, params))
+        except (OSError, RuntimeError):
+            return False
+        return True
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
+        number = next(self._numbers)
+        pending: set[asyncio.Task[None]] = set()
         try:
-            await self._connection(reader, writer)
+            await self._connection(reader, writer, number, pending)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         except asyncio.CancelledError:
@@ -140,11 +175,26 @@ class Server:
         finally:
             self._tasks.discard(task)
             self.clients.discard(writer)
+            self._writers.pop(number, None)
             writer.close()
+            for waiting in pending:
+                waiting.cancel()
+            if self.on_close is not None:
+                try:
+                    self.on_close(number)
+                except Exception:  # a hook bug must not take the server down
+                    log.exception("close hook for connection %d failed", number)
 
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _connection(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        number: int,
+        pending: set[asyncio.Task[None]],
+    ) -> None:
         sock = writer.get_extra_info("socket")
-        peer = peer_credentials(sock)
+        creds = peer_credentials(sock)
+        peer = Peer(pid=creds.pid, uid=creds.uid, gid=creds.gid, connection=number)
         if len(self.clients) >= self.max_clients:
             writer.write(
                 protocol.encode_error(
@@ -154,6 +204,7 @@ class Server:
             await writer.drain()
             return
         self.clients.add(writer)
+        self._writers[number] = writer
         while not self.closing:
             try:
                 line = await reader.readuntil(b"\n")
@@ -172,11 +223,38 @@ class Server:
             if not line.strip():
                 continue
             reply = await self._dispatch(peer, line)
+            if isinstance(reply, tuple):  # deferred: answered by a task when ready
+                rid, deferred = reply
+                later = asyncio.ensure_future(self._answer_later(writer, rid, deferred))
+                pending.add(later)
+                later.add_done_callback(pending.discard)
+                continue
             if reply:
                 writer.write(reply)
                 await writer.drain()
 
-    async def _dispatch(self, peer: Peer, line: bytes) -> bytes | None:
+    async def _answer_later(
+        self, writer: asyncio.StreamWriter, rid: protocol.RequestId, deferred: Deferred
+    ) -> None:
+        try:
+            result = await deferred.future
+        except RpcError as exc:
+            reply = protocol.encode_error(rid, exc.code, exc.message, exc.data)
+        except asyncio.CancelledError:
+            deferred.future.cancel()
+            raise
+        except Exception:
+            log.exception("a deferred reply failed")
+            reply = protocol.encode_error(rid, protocol.INTERNAL_ERROR, "internal error")
+        else:
+            reply = protocol.encode_result(rid, result)
+        if not writer.is_closing():
+            with contextlib.suppress(OSError, RuntimeError):
+                writer.write(reply)
+
+    async def _dispatch(
+        self, peer: Peer, line: bytes
+    ) -> bytes | tuple[protocol.RequestId, Deferred] | None:
         rid: protocol.RequestId = None
         try:
             request = protocol.parse_request(line)
@@ -197,6 +275,8 @@ class Server:
         except Exception:  # a handler bug answers -32603 and is logged; the daemon goes on
             log.exception("handler for a request from pid %d failed", peer.pid)
             return protocol.encode_error(rid, protocol.INTERNAL_ERROR, "internal error")
+        if isinstance(result, Deferred):
+            return (rid, result) if request.has_id else None
         if not request.has_id:
             return None  # a notification gets no reply
         return protocol.encode_result(rid, result)

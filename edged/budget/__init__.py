@@ -1,0 +1,1 @@
+"""Budgets: the ledger of leases and the queue of requests waiting for one."""
