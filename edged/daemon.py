@@ -290,7 +290,8 @@ class Daemon:
 
     def _reread(self, resource: Any) -> float | None:
         """A fresh read of a resource right before acting (the enforcer's re-check): the
-        governed cgroup's working set with a scope, else MemTotal - MemAvailable."""
+        governed cgroup's working set with a scope, else MemTotal - MemAvailable - the
+        per-CPU free pages (as the policy's usage)."""
         from edged.policy.base import Resource
 
         if resource is Resource.MEMORY and self._scope is not None:
@@ -307,8 +308,9 @@ class Daemon:
                 return None
             total = readings.get("system.memory.limit")
             available = readings.get("system.memory.linux.available")
+            percpu = readings.get("edged.memory.percpu_free", 0.0)
             if total is not None and available is not None:
-                return float(total - available)
+                return float(total - available - percpu)
         return None
 
     async def _start_server(self) -> None:

@@ -108,6 +108,12 @@ _SPECS = [
         "1",
         "PSI 'some' average of the governed cgroup, as a share of time",
     ),
+    MetricSpec(
+        "edged.memory.percpu_free",
+        Kind.UPDOWN,
+        "By",
+        "Free pages on the per-CPU lists, which MemAvailable does not count",
+    ),
     MetricSpec("edged.tick.duration", Kind.HISTOGRAM, "s", "Cost of one sampling tick"),
     MetricSpec("edged.health", Kind.GAUGE, "1", "1 for the current health level, 0 for the others"),
     MetricSpec(

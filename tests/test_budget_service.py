@@ -116,7 +116,7 @@ def test_shrink_tells_the_connections_holding_a_lease_on_the_pid() -> None:
     me = Peer(pid=os.getpid(), uid=os.getuid(), gid=os.getgid(), connection=7)
 
     def shrink_note(lease: int, target_bytes: int) -> tuple[int, str, Any]:
-        params = {"lease": lease, "target": {"memory": target_bytes}, "deadline_s": 5.0}
+        params = {"lease": lease, "target": {"memory": target_bytes}, "deadline": 5.0}
         return (7, "budget.shrink", {**params, "reason": "soft"})
 
     async def scenario() -> None:

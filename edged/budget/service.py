@@ -185,7 +185,7 @@ class BudgetService:
             params = {
                 "lease": lease.id,
                 "target": _amounts(target),
-                "deadline_s": deadline_s,
+                "deadline": deadline_s,  # seconds, as DESIGN section 6 names it
                 "reason": reason,
             }
             if self._notify(lease.connection, "budget.shrink", params):

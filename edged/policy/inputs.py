@@ -68,7 +68,8 @@ def machine_usage(
 ) -> tuple[dict[Resource, float], dict[Resource, float], dict[Resource, float]]:
     """(usage, capacity, pressure) of the machine, from one snapshot.
 
-    memory: MemTotal - MemAvailable; cpu: busy cores (all modes but idle and iowait, summed
+    memory: MemTotal - MemAvailable - the per-CPU free pages (which MemAvailable misses; see
+    :mod:`edged.sensors.memory`); cpu: busy cores (all modes but idle and iowait, summed
     over CPUs); gpu_memory: summed over GPUs; power: the top-level meters (readings without
     ``hw.parent``: a Jetson's input rail, RAPL packages, GPUs), batteries excluded;
     temperature: the hottest sensor, or the zone named in ``[limits.temperature] zone``.
@@ -80,7 +81,8 @@ def machine_usage(
     total = next((r.value for r in by.get("system.memory.limit", [])), None)
     available = next((r.value for r in by.get("system.memory.linux.available", [])), None)
     if total is not None and available is not None:
-        usage[Resource.MEMORY] = total - available
+        percpu = next((r.value for r in by.get("edged.memory.percpu_free", [])), 0.0)
+        usage[Resource.MEMORY] = total - available - percpu
         capacity[Resource.MEMORY] = total
     util = by.get("system.cpu.utilization", [])
     cpus = {r.attributes.get("cpu.logical_number") for r in by.get("system.cpu.time", [])}
