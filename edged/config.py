@@ -190,10 +190,22 @@ class Rule(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class Server(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     socket: str = ""  # empty: /run/edged/edged.sock as root, else $XDG_RUNTIME_DIR/edged.sock
     max_clients: int = 64
+    # requests per second per connection (a token bucket holding twice this); excess: 1005
+    max_requests_per_s: float = 200.0
+    # a connection that holds no lease and sends no whole line for this long is closed
+    idle_timeout: float | int | str = 300.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_clients <= 65536:
             raise ValueError("max_clients: must be between 1 and 65536")
+        if not 0 < self.max_requests_per_s <= 1e6:
+            raise ValueError("max_requests_per_s: must be in (0, 1000000]")
+        if parse_duration_s(self.idle_timeout) <= 0:
+            raise ValueError("idle_timeout: must be greater than zero")
+
+    @property
+    def idle_timeout_s(self) -> float:
+        return parse_duration_s(self.idle_timeout)
 
 
 class Telemetry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

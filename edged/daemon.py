@@ -84,6 +84,9 @@ class Daemon:
             self._methods(),
             max_clients=config.server.max_clients,
             on_close=self.budgets.connection_closed,
+            max_requests_per_s=config.server.max_requests_per_s,
+            idle_timeout_s=config.server.idle_timeout_s,
+            holds=self.budgets.holds,
         )
         self.socket_path: Path | None = None
         self._socket_owned = False

@@ -211,6 +211,14 @@ class BudgetService:
                 client = self._names.get(lease.connection, f"pid:{lease.owner_pid}")
                 self._watch(lease.target_pid, lease.klass, client)
 
+    def holds(self, connection: int) -> bool:
+        """Whether the connection holds a lease or a queued request (the server does not
+        close such a connection for being idle: the lease dies with it)."""
+        ledger = self.ledger
+        return any(lease.connection == connection for lease in ledger.leases.values()) or any(
+            ask.connection == connection for ask in ledger.queue
+        )
+
     def connection_closed(self, connection: int) -> None:
         """The server's close hook: the connection's leases and queued requests end now."""
         self._names.pop(connection, None)

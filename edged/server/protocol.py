@@ -69,6 +69,17 @@ def parse_request(line: bytes) -> Request:
     return Request(jsonrpc="2.0", method=method, id=rid, params=params, has_id="id" in obj)
 
 
+def request_id_of(line: bytes) -> RequestId:
+    """The id of a request line, or None when it has none or does not parse (for replies to
+    requests that are refused before they are dispatched)."""
+    try:
+        obj = msgspec.json.decode(line)
+    except msgspec.DecodeError:
+        return None
+    rid = obj.get("id") if isinstance(obj, dict) else None
+    return rid if isinstance(rid, (int, str)) and not isinstance(rid, bool) else None
+
+
 def encode_result(rid: RequestId, result: Any) -> bytes:
     return _encoder.encode({"jsonrpc": "2.0", "id": rid, "result": result}) + b"\n"
 

@@ -22,6 +22,7 @@ import os
 import socket
 import stat
 import struct
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,11 +112,23 @@ class Server:
         max_clients: int = 64,
         max_line_bytes: int = protocol.MAX_LINE_BYTES,
         on_close: Callable[[int], None] | None = None,
+        *,
+        max_requests_per_s: float = 200.0,
+        idle_timeout_s: float = 300.0,
+        holds: Callable[[int], bool] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.methods = dict(methods)
         self.max_clients = max_clients
         self.max_line_bytes = max_line_bytes
         self.on_close = on_close  # called with the connection number when one ends
+        # requests per second per connection: a token bucket of twice this many
+        self.max_requests_per_s = max_requests_per_s
+        # a connection that sends no whole line for this long is closed, unless ``holds``
+        # says it holds something (a lease, a queued request): its silence is its right
+        self.idle_timeout_s = idle_timeout_s
+        self.holds = holds
+        self.clock = clock
         self.clients: set[asyncio.StreamWriter] = set()
         self._writers: dict[int, asyncio.StreamWriter] = {}
         self._numbers = itertools.count(1)
@@ -205,9 +218,19 @@ class Server:
             return
         self.clients.add(writer)
         self._writers[number] = writer
+        burst = 2.0 * self.max_requests_per_s
+        tokens, refilled_s = burst, self.clock()
         while not self.closing:
             try:
-                line = await reader.readuntil(b"\n")
+                # a partial line stays in the reader's buffer across a timeout
+                line = await asyncio.wait_for(reader.readuntil(b"\n"), self.idle_timeout_s)
+            except asyncio.TimeoutError:
+                if self.holds is not None and self.holds(number):
+                    continue
+                message = f"idle for {self.idle_timeout_s:g} s holding nothing; closing"
+                writer.write(protocol.encode_error(None, protocol.TOO_MANY, message))
+                await writer.drain()
+                return
             except asyncio.LimitOverrunError:
                 line = b""  # over the limit: the stream holds no whole line we may read
                 oversized = True
@@ -222,6 +245,16 @@ class Server:
                 return
             if not line.strip():
                 continue
+            now_s = self.clock()
+            tokens = min(burst, tokens + (now_s - refilled_s) * self.max_requests_per_s)
+            refilled_s = now_s
+            if tokens < 1.0:
+                rid = protocol.request_id_of(line)
+                message = f"more than {self.max_requests_per_s:g} requests per second"
+                writer.write(protocol.encode_error(rid, protocol.TOO_MANY, message))
+                await writer.drain()
+                continue
+            tokens -= 1.0
             reply = await self._dispatch(peer, line)
             if isinstance(reply, tuple):  # deferred: answered by a task when ready
                 rid, deferred = reply
