@@ -186,9 +186,12 @@ class AsyncClient:
                 else:
                     self._dispatch(message)
         finally:
-            if self._reader is reader:
+            if self._reader is reader:  # else a newer connection owns the pending calls
+                writer = self._writer
                 self._reader, self._writer, self._reader_task = None, None, None
-            self._fail_pending()
+                if writer is not None:
+                    writer.close()
+                self._fail_pending()
 
     def _dispatch(self, message: Mapping[str, Any]) -> None:
         method = message.get("method")
@@ -253,10 +256,13 @@ class AsyncClient:
         while True:
             if self._writer is None:
                 await self._reconnect()
+            writer = self._writer
             try:
                 message = await self._exchange(method, params, timeout_s or self.timeout_s)
                 return result_of(message)
             except _Lost as exc:
+                if self._writer is writer:  # the reader may not have seen the end yet
+                    await self._close_connection()
                 if exc.sent and method not in IDEMPOTENT_METHODS:
                     raise ConnectionLost(
                         f"connection to edged lost after sending {method}; it may or may not "
