@@ -229,3 +229,12 @@ def test_top_and_history_without_a_daemon_exit_3(tmp_path: Path) -> None:
         out = edged(command, "--socket", str(tmp_path / "absent.sock"), "--json")
         assert out.returncode == 3
         assert "not running" in out.stderr
+
+
+def test_budget_cli_against_a_daemon_without_budget_methods_exits_1(
+    daemon: RunningDaemon,
+) -> None:
+    """Until the ledger lands, the daemon has no budget.* methods: a clear error, exit 1."""
+    out = edged("budget", "list", "--socket", str(daemon.socket_path))
+    assert out.returncode == 1
+    assert "no such method: budget.list" in out.stderr

@@ -359,7 +359,9 @@ class Client:
 
     def serve_notifications(self, duration_s: float | None = None) -> None:
         """Dispatch notifications as they come, for ``duration_s`` (forever when None): for a
-        thread whose only job is to follow a lease."""
+        thread whose only job is to follow a lease. It holds the client's lock while it
+        waits (up to 1 s at a time), so another thread's call on the same Client may wait
+        that long; such a thread is better off with a Client of its own."""
         end = None if duration_s is None else time.monotonic() + duration_s
         while end is None or time.monotonic() < end:
             remaining = 1.0 if end is None else max(0.0, min(1.0, end - time.monotonic()))
