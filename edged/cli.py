@@ -78,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     top.add_argument("--interval", type=float, default=1.0, metavar="S", help="refresh period")
     top.add_argument("--once", action="store_true", help="print one frame and exit")
     top.add_argument("--json", action="store_true", help="one JSON object per frame")
+    top.add_argument("--plain", action="store_true", help="plain text even where rich is installed")
 
     budget = sub.add_parser("budget", help="request, list and release budgets")
     budget_sub = budget.add_subparsers(dest="budget_command", required=True, metavar="ACTION")
@@ -462,8 +463,11 @@ def cmd_history(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _top_frame(status: dict[str, Any], snapshot: dict[str, Any] | None) -> str:
-    """One ``edged top`` frame as plain text."""
+def _top_model(
+    status: dict[str, Any], snapshot: dict[str, Any] | None
+) -> tuple[list[str], list[tuple[str, str, str, str, str]]]:
+    """What one ``edged top`` frame shows: summary lines, and process rows (pid, RSS MiB,
+    CPU %, class, name; the 15 largest by RSS) when the daemon samples processes."""
     lines = [
         f"edged {status['version']}  health {status['health']}  strategy {status['strategy']}"
         f"{' (dry run)' if status.get('dry_run') else ''}  up {status['uptime_s']:.0f}s  "
@@ -503,28 +507,72 @@ def _top_frame(status: dict[str, Any], snapshot: dict[str, Any] | None) -> str:
             pid = r["attributes"].get("process.pid")
             entry = procs.setdefault(pid, {"attributes": r["attributes"]})
             entry[r["metric"]] = r["value"]
-    if procs:
-        lines.append("")
-        lines.append(f"{'PID':>7} {'RSS MiB':>9} {'CPU %':>6} {'CLASS':<10} NAME")
-        ranked = sorted(procs.items(), key=lambda kv: -kv[1].get("process.memory.usage", 0.0))
-        for pid, entry in ranked[:15]:
-            attrs = entry["attributes"]
-            rss = entry.get("process.memory.usage")
-            cpu = entry.get("process.cpu.utilization")
-            lines.append(
-                f"{pid:>7} {_fmt(None if rss is None else rss / 2**20, '9.1f')} "
-                f"{_fmt(None if cpu is None else cpu * 100, '6.1f')} "
-                f"{attrs.get('edged.class', ''):<10} {attrs.get('process.executable.name', '')}"
+    ranked = sorted(procs.items(), key=lambda kv: -kv[1].get("process.memory.usage", 0.0))
+    rows = []
+    for pid, entry in ranked[:15]:
+        attrs = entry["attributes"]
+        rss = entry.get("process.memory.usage")
+        cpu = entry.get("process.cpu.utilization")
+        rows.append(
+            (
+                str(pid),
+                _fmt(None if rss is None else rss / 2**20, ".1f"),
+                _fmt(None if cpu is None else cpu * 100, ".1f"),
+                str(attrs.get("edged.class", "")),
+                str(attrs.get("process.executable.name", "")),
             )
+        )
+    return lines, rows
+
+
+_TOP_COLUMNS = ("PID", "RSS MiB", "CPU %", "CLASS", "NAME")
+
+
+def _top_frame(status: dict[str, Any], snapshot: dict[str, Any] | None) -> str:
+    """One ``edged top`` frame as plain text."""
+    lines, rows = _top_model(status, snapshot)
+    if rows:
+        lines.append("")
+        for row in [_TOP_COLUMNS, *rows]:
+            pid, rss, cpu, klass, name = row
+            lines.append(f"{pid:>7} {rss:>9} {cpu:>6} {klass:<10} {name}")
     return "\n".join(lines)
+
+
+def _top_rich(status: dict[str, Any], snapshot: dict[str, Any] | None) -> Any:
+    """One ``edged top`` frame as a rich renderable (the ``[tui]`` extra)."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    lines, rows = _top_model(status, snapshot)
+    parts: list[Any] = [Text(line) for line in lines]
+    if rows:
+        table = Table(expand=False)
+        for name in _TOP_COLUMNS:
+            table.add_column(name, justify="left" if name in ("CLASS", "NAME") else "right")
+        for row in rows:
+            table.add_row(*row)
+        parts.append(table)
+    return Group(*parts)
+
+
+def _rich_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("rich") is not None
 
 
 def cmd_top(args: argparse.Namespace) -> int:
     if args.interval <= 0:
         print("edged: --interval must be > 0 seconds", file=sys.stderr)
         return EXIT_USAGE
+    # rich (the [tui] extra) only on a terminal; pipes, --json and --plain get plain text
+    use_rich = not args.json and not args.plain and sys.stdout.isatty() and _rich_available()
     try:
         with _client(args.socket) as client:
+            if use_rich:
+                return _top_loop_rich(client, args)
             while True:
                 status, snapshot = client.status(), client.snapshot()
                 if args.json:
@@ -537,6 +585,20 @@ def cmd_top(args: argparse.Namespace) -> int:
                 time.sleep(args.interval)
     except _client_errors() as exc:
         return _client_failure(exc)
+
+
+def _top_loop_rich(client: Any, args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.live import Live
+
+    console = Console()
+    if args.once:
+        console.print(_top_rich(client.status(), client.snapshot()))
+        return EXIT_OK
+    with Live(console=console, auto_refresh=False, screen=False) as live:
+        while True:
+            live.update(_top_rich(client.status(), client.snapshot()), refresh=True)
+            time.sleep(args.interval)
 
 
 def cmd_budget(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pty
 import subprocess
 import sys
 import threading
@@ -222,6 +223,59 @@ def test_top_cli_once(daemon: RunningDaemon) -> None:
     data = json.loads(frame.stdout)
     assert data["status"]["health"] == "ok"
     assert data["snapshot"]["seq"] >= 1
+
+
+def run_on_a_terminal(*args: str) -> tuple[int, str]:
+    """``edged ARGS`` with stdout on a pseudo-terminal (so rich renders); (exit code, output)."""
+    master, slave = pty.openpty()
+    env = {**os.environ, "COLUMNS": "120", "LINES": "40", "TERM": "xterm", "LANG": "C.UTF-8"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edged", *args], stdout=slave, stderr=slave, env=env
+    )
+    os.close(slave)
+    chunks = []
+    try:
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(master)
+        code = proc.wait(timeout=30)
+    return code, b"".join(chunks).decode(errors="replace")
+
+
+def test_top_lists_processes_as_a_table_and_uses_rich_on_a_terminal(tmp_path: Path) -> None:
+    pytest.importorskip("rich")
+    config = tmp_path / "edged.toml"
+    config.write_text('[sampling]\ninterval = 0.2\nprocesses = "all"\n')
+    daemon = start_daemon(tmp_path, "--config", str(config))
+    try:
+        time.sleep(0.5)  # a second tick: CPU utilization needs two reads
+        plain = edged("top", "--socket", str(daemon.socket_path), "--once")
+        assert plain.returncode == 0, plain.stderr
+        header = next(line for line in plain.stdout.splitlines() if "RSS MiB" in line)
+        assert header.split() == ["PID", "RSS", "MiB", "CPU", "%", "CLASS", "NAME"]
+        rows = plain.stdout.split(header, 1)[1].strip().splitlines()
+        assert 1 <= len(rows) <= 15
+        assert str(daemon.proc.pid) in {row.split()[0] for row in rows} or len(rows) == 15
+        code, screen = run_on_a_terminal("top", "--socket", str(daemon.socket_path), "--once")
+        assert code == 0, screen
+        assert "health ok" in screen
+        assert "└───" in screen  # a rich table's border, not the plain columns
+        assert "PID" in screen
+        code, screen = run_on_a_terminal(
+            "top", "--socket", str(daemon.socket_path), "--once", "--plain"
+        )
+        assert code == 0
+        assert "└" not in screen
+        assert "RSS MiB" in screen
+    finally:
+        assert daemon.stop() == 0
 
 
 def test_top_and_history_without_a_daemon_exit_3(tmp_path: Path) -> None:
