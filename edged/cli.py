@@ -240,9 +240,9 @@ def call(
     timeout_s: float = 5.0,
 ) -> Any:
     """One JSON-RPC call to the running daemon (the CLI's own tiny client)."""
-    from edged.server.server import default_socket_path
+    from edged.client import socket_path as resolve_socket_path
 
-    path = socket_path or os.environ.get("EDGED_SOCKET") or str(default_socket_path())
+    path = resolve_socket_path(socket_path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout_s)
     try:

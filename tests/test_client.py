@@ -142,6 +142,9 @@ def test_socket_path_from_environment(
     with Client() as client:
         assert client.status()["health"] == "ok"
     monkeypatch.delenv("EDGED_SOCKET")
+    monkeypatch.setenv("EDGED_SERVER_SOCKET", "/srv/edged.sock")  # what `edged run` serves
+    assert socket_path() == "/srv/edged.sock"
+    monkeypatch.delenv("EDGED_SERVER_SOCKET")
     monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/4242")
     expected = "/run/edged/edged.sock" if os.geteuid() == 0 else "/run/user/4242/edged.sock"
     assert socket_path() == expected
@@ -292,3 +295,32 @@ def test_budget_cli_against_a_daemon_without_budget_methods_exits_1(
     out = edged("budget", "list", "--socket", str(daemon.socket_path))
     assert out.returncode == 1
     assert "no such method: budget.list" in out.stderr
+
+
+def test_client_variables_do_not_break_the_daemon_s_configuration(daemon: RunningDaemon) -> None:
+    """EDGED_SOCKET (and EDGED_LOG_LEVEL) exported in a shell are for the clients, not config
+    keys: `edged check-config` accepts them, and `edged status` follows EDGED_SOCKET."""
+    env = {
+        **os.environ,
+        "EDGED_SOCKET": str(daemon.socket_path),
+        "EDGED_LOG_LEVEL": "debug",
+    }
+    check = subprocess.run(
+        [sys.executable, "-m", "edged", "check-config", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        env=env,
+    )
+    assert check.returncode == 0, check.stderr
+    status = subprocess.run(
+        [sys.executable, "-m", "edged", "status", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        env=env,
+    )
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["health"] == "ok"

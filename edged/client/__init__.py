@@ -4,7 +4,7 @@
 ```python
 from edged.client import Client, InsufficientResources
 
-with Client() as client:  # $EDGED_SOCKET, else the daemon's default socket
+with Client() as client:  # $EDGED_SOCKET, $EDGED_SERVER_SOCKET, else the default path
     client.hello("trainer")
     try:
         with client.budget(memory="2G", cpu=1.5, wait=30, on_shrink=print) as lease:

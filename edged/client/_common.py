@@ -31,13 +31,19 @@ Callback = Callable[[Mapping[str, Any]], Any]
 
 
 def socket_path(path: str | os.PathLike[str] | None = None) -> str:
-    """The socket to connect to: ``path``, else ``$EDGED_SOCKET``, else the daemon's default
+    """The socket to connect to: ``path``, else ``$EDGED_SOCKET``, else
+    ``$EDGED_SERVER_SOCKET`` (the variable that sets ``edged run``'s ``[server] socket``, so a
+    daemon and clients started in one environment agree), else the daemon's default
     (``/run/edged/edged.sock`` as root, ``$XDG_RUNTIME_DIR/edged.sock`` otherwise)."""
     if path is not None:
         return os.fspath(path)
     from edged.server.server import default_socket_path
 
-    return os.environ.get("EDGED_SOCKET") or str(default_socket_path())
+    return (
+        os.environ.get("EDGED_SOCKET")
+        or os.environ.get("EDGED_SERVER_SOCKET")
+        or str(default_socket_path())
+    )
 
 
 def encode_request(request_id: int, method: str, params: Mapping[str, Any] | None) -> bytes:
