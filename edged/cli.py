@@ -353,11 +353,13 @@ def cmd_events(args: argparse.Namespace) -> int:
 # ---- commands built on edged.client -------------------------------------------------------
 
 
-def _client(socket_path: str | None) -> Any:
-    """A Client for one CLI command: no reconnecting (a command fails fast, exit 3)."""
+def _client(socket_path: str | None, reconnect_timeout_s: float = 0.0) -> Any:
+    """A Client for one CLI command. The first connection is tried once (no daemon: exit 3
+    at once); by default a broken one is not retried either, since a one-shot command should
+    fail fast; ``edged top`` passes a reconnect budget to ride out a daemon restart."""
     from edged.client import Client
 
-    return Client(socket_path, reconnect_timeout_s=0)
+    return Client(socket_path, reconnect_timeout_s=reconnect_timeout_s)
 
 
 def _client_failure(exc: Exception) -> int:
@@ -570,7 +572,7 @@ def cmd_top(args: argparse.Namespace) -> int:
     # rich (the [tui] extra) only on a terminal; pipes, --json and --plain get plain text
     use_rich = not args.json and not args.plain and sys.stdout.isatty() and _rich_available()
     try:
-        with _client(args.socket) as client:
+        with _client(args.socket, 0.0 if args.once else 30.0) as client:
             if use_rich:
                 return _top_loop_rich(client, args)
             while True:

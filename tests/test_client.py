@@ -324,3 +324,45 @@ def test_client_variables_do_not_break_the_daemon_s_configuration(daemon: Runnin
     )
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout)["health"] == "ok"
+
+
+def test_live_top_rides_out_a_daemon_restart(tmp_path: Path) -> None:
+    first = start_daemon(tmp_path, "--interval", "0.1")
+    top = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "edged",
+            "top",
+            "--socket",
+            str(first.socket_path),
+            "--json",
+            "--interval",
+            "0.2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    second: RunningDaemon | None = None
+    try:
+        assert top.stdout is not None
+        uptimes = [json.loads(top.stdout.readline())["status"]["uptime_s"] for _ in range(2)]
+        assert first.stop() == 0
+        second = start_daemon(tmp_path, "--interval", "0.1")
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            uptime = json.loads(top.stdout.readline())["status"]["uptime_s"]
+            if uptime < uptimes[-1]:
+                break  # a frame from the new daemon
+            uptimes.append(uptime)
+        else:
+            raise AssertionError("edged top showed no frame from the restarted daemon")
+        assert top.poll() is None  # still running
+    finally:
+        top.kill()
+        top.communicate()  # reaps it and closes its pipes
+        if second is not None:
+            assert second.stop() == 0
+        if first.proc.poll() is None:
+            first.stop()
