@@ -154,6 +154,12 @@ def test_shrink_grow_revoke_reach_the_lease_and_its_callbacks(server: BudgetServ
             assert lease.granted == {"memory": 3e9}
             assert lease.shrink_target is None
 
+            granted: list[Mapping[str, Any]] = []
+            client.on("budget.granted", granted.append)
+            server.notify(lease.id, "budget.granted", {"lease": lease.id, "granted": {}})
+            assert client.poll(5.0) == 1
+            assert granted == [{"lease": lease.id, "granted": {}}]
+
             server.notify(lease.id, "budget.revoked", {"lease": lease.id, "reason": "hard"})
             assert client.poll(5.0) == 1
             assert lease.revoked
