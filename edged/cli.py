@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import os
 import socket
 import sys
@@ -64,6 +65,46 @@ def _parser() -> argparse.ArgumentParser:
     events.add_argument("--since", type=int, default=0, help="only events after this sequence")
     events.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
     events.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    history = sub.add_parser("history", help="the daemon's history ring (samples per tick)")
+    history.add_argument("--socket", help="daemon socket (default per DESIGN)")
+    history.add_argument(
+        "--window", type=float, metavar="S", help="only the last S seconds (default: all)"
+    )
+    history.add_argument("--json", action="store_true", help="the raw samples, to save to a file")
+
+    top = sub.add_parser("top", help="live view of the machine as the daemon sees it")
+    top.add_argument("--socket", help="daemon socket (default per DESIGN)")
+    top.add_argument("--interval", type=float, default=1.0, metavar="S", help="refresh period")
+    top.add_argument("--once", action="store_true", help="print one frame and exit")
+    top.add_argument("--json", action="store_true", help="one JSON object per frame")
+    top.add_argument("--plain", action="store_true", help="plain text even where rich is installed")
+
+    budget = sub.add_parser("budget", help="request, list and release budgets")
+    budget_sub = budget.add_subparsers(dest="budget_command", required=True, metavar="ACTION")
+    request = budget_sub.add_parser("request", help="ask for a budget (a lease)")
+    request.add_argument("--memory", metavar="SIZE", help="memory, e.g. 2G or 512MiB")
+    request.add_argument("--cpu", type=float, metavar="CORES", help="CPU cores")
+    request.add_argument("--gpu-memory", metavar="SIZE", help="GPU memory")
+    request.add_argument("--gpu", type=int, metavar="INDEX", help="which GPU")
+    request.add_argument("--min-memory", metavar="SIZE", help="smallest memory acceptable")
+    request.add_argument("--min-cpu", type=float, metavar="CORES", help="fewest cores acceptable")
+    request.add_argument("--min-gpu-memory", metavar="SIZE", help="smallest GPU memory acceptable")
+    request.add_argument("--wait", type=float, default=0.0, metavar="S", help="queue up to S s")
+    request.add_argument("--ttl", type=float, metavar="S", help="the lease ends after S s")
+    request.add_argument("--class", dest="klass", metavar="CLASS", help="class of the process")
+    request.add_argument(
+        "--pid",
+        type=int,
+        default=None,
+        help="the process the budget is for (default: the one that ran edged, e.g. the shell)",
+    )
+    budget_list = budget_sub.add_parser("list", help="the leases visible to you")
+    release = budget_sub.add_parser("release", help="give a lease back")
+    release.add_argument("lease", help="the lease id that request printed")
+    for p in (request, budget_list, release):
+        p.add_argument("--socket", help="daemon socket (default per DESIGN)")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
 
@@ -199,9 +240,9 @@ def call(
     timeout_s: float = 5.0,
 ) -> Any:
     """One JSON-RPC call to the running daemon (the CLI's own tiny client)."""
-    from edged.server.server import default_socket_path
+    from edged.client import socket_path as resolve_socket_path
 
-    path = socket_path or os.environ.get("EDGED_SOCKET") or str(default_socket_path())
+    path = resolve_socket_path(socket_path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout_s)
     try:
@@ -309,6 +350,320 @@ def cmd_events(args: argparse.Namespace) -> int:
         time.sleep(0.5)
 
 
+# ---- commands built on edged.client -------------------------------------------------------
+
+
+def _client(socket_path: str | None, reconnect_timeout_s: float = 0.0) -> Any:
+    """A Client for one CLI command. The first connection is tried once (no daemon: exit 3
+    at once); by default a broken one is not retried either, since a one-shot command should
+    fail fast; ``edged top`` passes a reconnect budget to ride out a daemon restart."""
+    from edged.client import Client
+
+    return Client(socket_path, reconnect_timeout_s=reconnect_timeout_s)
+
+
+def _client_failure(exc: Exception) -> int:
+    """Print a client error and return its exit code (DESIGN section 7)."""
+    from edged.client import (
+        ConnectionLost,
+        DaemonUnavailable,
+        InsufficientResources,
+        PermissionDenied,
+    )
+
+    message = str(exc)
+    if isinstance(exc, InsufficientResources) and exc.available:
+        message += f" (available now: {_amounts(exc.available)})"
+    print(f"edged: {message}", file=sys.stderr)
+    if isinstance(exc, PermissionDenied):
+        return EXIT_DENIED
+    if isinstance(exc, DaemonUnavailable) and not isinstance(exc, ConnectionLost):
+        return EXIT_NOT_RUNNING
+    return EXIT_ERROR
+
+
+def _client_errors() -> tuple[type[Exception], ...]:
+    from edged.client import EdgedError
+
+    return (EdgedError, TimeoutError)
+
+
+def _amounts(resources: Any) -> str:
+    """``memory 1.50 GiB, cpu 2 cores`` from a resources mapping (bytes, cores)."""
+    if not isinstance(resources, dict):
+        return str(resources)
+    parts = []
+    for name, value in resources.items():
+        if name in ("memory", "gpu_memory") and isinstance(value, (int, float)):
+            parts.append(f"{name} {value / 2**30:.2f} GiB")
+        elif name == "cpu" and isinstance(value, (int, float)):
+            parts.append(f"cpu {value:g} cores")
+        else:
+            parts.append(f"{name} {value}")
+    return ", ".join(parts) or "nothing"
+
+
+def _series_value(
+    series: list[dict[str, Any]], metric: str, attributes: dict[str, Any], index: int
+) -> float | None:
+    for s in series:
+        if s["metric"] == metric and s["attributes"] == attributes:
+            value = s["values"][index]
+            return None if value is None or math.isnan(value) else float(value)  # no reading
+    return None
+
+
+def _cpu_busy(series: list[dict[str, Any]], index: int) -> float | None:
+    """Share of the machine's CPU not idle at sample ``index`` (mean over logical CPUs)."""
+    idle = [
+        s["values"][index]
+        for s in series
+        if s["metric"] == "system.cpu.utilization" and s["attributes"].get("cpu.mode") == "idle"
+    ]
+    idle = [v for v in idle if v is not None and not math.isnan(v)]
+    return 1.0 - sum(idle) / len(idle) if idle else None
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    if args.window is not None and args.window <= 0:
+        print("edged: --window must be > 0 seconds", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        with _client(args.socket) as client:
+            result = client.history(args.window)
+    except _client_errors() as exc:
+        return _client_failure(exc)
+    if args.json:
+        print(json.dumps(result))
+        return EXIT_OK
+    series = result.get("series", [])
+    print(
+        f"{'time':<12} {'mem used GiB':>12} {'mem %':>6} {'cpu %':>6} "
+        f"{'psi mem':>8} {'psi cpu':>8} {'psi io':>8}"
+    )
+    for i, t in enumerate(result.get("time", [])):
+        total = _series_value(series, "system.memory.limit", {}, i)
+        available = _series_value(series, "system.memory.linux.available", {}, i)
+        used = total - available if total is not None and available is not None else None
+        share = used / total if used is not None and total else None
+        busy = _cpu_busy(series, i)
+        psi = [
+            _series_value(series, "edged.pressure", {"edged.resource": r, "edged.window": "10s"}, i)
+            for r in ("memory", "cpu", "io")
+        ]
+        stamp = time.strftime("%H:%M:%S", time.localtime(t)) + f".{int(t * 10) % 10}"
+        print(
+            f"{stamp:<12} {_fmt(None if used is None else used / 2**30, '12.2f')} "
+            f"{_fmt(None if share is None else share * 100, '6.1f')} "
+            f"{_fmt(None if busy is None else busy * 100, '6.1f')} "
+            + " ".join(_fmt(p, "8.3f") for p in psi)
+        )
+    return EXIT_OK
+
+
+def _top_model(
+    status: dict[str, Any], snapshot: dict[str, Any] | None
+) -> tuple[list[str], list[tuple[str, str, str, str, str]]]:
+    """What one ``edged top`` frame shows: summary lines, and process rows (pid, RSS MiB,
+    CPU %, class, name; the 15 largest by RSS) when the daemon samples processes."""
+    lines = [
+        f"edged {status['version']}  health {status['health']}  strategy {status['strategy']}"
+        f"{' (dry run)' if status.get('dry_run') else ''}  up {status['uptime_s']:.0f}s  "
+        f"ticks {status['ticks']}  overruns {status['overruns']}  clients {status['clients']}"
+    ]
+    usage = status.get("usage", {})
+    if "memory_used_bytes" in usage:
+        used, total = usage["memory_used_bytes"], usage["memory_total_bytes"]
+        lines.append(
+            f"memory    {used / 2**30:.2f} GiB used of {total / 2**30:.2f} GiB ({used / total:.0%})"
+        )
+    readings = (snapshot or {}).get("readings", [])
+    idle = [
+        r["value"]
+        for r in readings
+        if r["metric"] == "system.cpu.utilization" and r["attributes"].get("cpu.mode") == "idle"
+    ]
+    if idle:
+        lines.append(f"cpu       {1 - sum(idle) / len(idle):.0%} busy over {len(idle)} CPUs")
+    psi = {
+        r["attributes"]["edged.resource"]: r["value"]
+        for r in readings
+        if r["metric"] == "edged.pressure" and r["attributes"].get("edged.window") == "10s"
+    }
+    if psi:
+        lines.append(
+            "pressure  " + "  ".join(f"{k} {v:.2f}" for k, v in psi.items()) + "  (some, 10s)"
+        )
+    for a in status.get("alerts", []):
+        lines.append(f"alert     {a['resource']} {a['severity']} {a['state']}: {a['detail']}")
+    for s in status.get("sources", []):
+        if s["status"] != "ok":
+            lines.append(f"source    {s['name']}: {s['status']} {s['detail']}")
+    procs: dict[Any, dict[str, Any]] = {}
+    for r in readings:
+        if r["metric"] in ("process.memory.usage", "process.cpu.utilization"):
+            pid = r["attributes"].get("process.pid")
+            entry = procs.setdefault(pid, {"attributes": r["attributes"]})
+            entry[r["metric"]] = r["value"]
+    ranked = sorted(procs.items(), key=lambda kv: -kv[1].get("process.memory.usage", 0.0))
+    rows = []
+    for pid, entry in ranked[:15]:
+        attrs = entry["attributes"]
+        rss = entry.get("process.memory.usage")
+        cpu = entry.get("process.cpu.utilization")
+        rows.append(
+            (
+                str(pid),
+                _fmt(None if rss is None else rss / 2**20, ".1f"),
+                _fmt(None if cpu is None else cpu * 100, ".1f"),
+                str(attrs.get("edged.class", "")),
+                str(attrs.get("process.executable.name", "")),
+            )
+        )
+    return lines, rows
+
+
+_TOP_COLUMNS = ("PID", "RSS MiB", "CPU %", "CLASS", "NAME")
+
+
+def _top_frame(status: dict[str, Any], snapshot: dict[str, Any] | None) -> str:
+    """One ``edged top`` frame as plain text."""
+    lines, rows = _top_model(status, snapshot)
+    if rows:
+        lines.append("")
+        for row in [_TOP_COLUMNS, *rows]:
+            pid, rss, cpu, klass, name = row
+            lines.append(f"{pid:>7} {rss:>9} {cpu:>6} {klass:<10} {name}")
+    return "\n".join(lines)
+
+
+def _top_rich(status: dict[str, Any], snapshot: dict[str, Any] | None) -> Any:
+    """One ``edged top`` frame as a rich renderable (the ``[tui]`` extra)."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    lines, rows = _top_model(status, snapshot)
+    parts: list[Any] = [Text(line) for line in lines]
+    if rows:
+        table = Table(expand=False)
+        for name in _TOP_COLUMNS:
+            table.add_column(name, justify="left" if name in ("CLASS", "NAME") else "right")
+        for row in rows:
+            table.add_row(*row)
+        parts.append(table)
+    return Group(*parts)
+
+
+def _rich_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("rich") is not None
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    if args.interval <= 0:
+        print("edged: --interval must be > 0 seconds", file=sys.stderr)
+        return EXIT_USAGE
+    # rich (the [tui] extra) only on a terminal; pipes, --json and --plain get plain text
+    use_rich = not args.json and not args.plain and sys.stdout.isatty() and _rich_available()
+    try:
+        with _client(args.socket, 0.0 if args.once else 30.0) as client:
+            if use_rich:
+                return _top_loop_rich(client, args)
+            while True:
+                status, snapshot = client.status(), client.snapshot()
+                if args.json:
+                    print(json.dumps({"status": status, "snapshot": snapshot}), flush=True)
+                else:
+                    clear = "" if args.once else "\x1b[H\x1b[2J"
+                    print(clear + _top_frame(status, snapshot), flush=True)
+                if args.once:
+                    return EXIT_OK
+                time.sleep(args.interval)
+    except _client_errors() as exc:
+        return _client_failure(exc)
+
+
+def _top_loop_rich(client: Any, args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.live import Live
+
+    console = Console()
+    if args.once:
+        console.print(_top_rich(client.status(), client.snapshot()))
+        return EXIT_OK
+    with Live(console=console, auto_refresh=False, screen=False) as live:
+        while True:
+            live.update(_top_rich(client.status(), client.snapshot()), refresh=True)
+            time.sleep(args.interval)
+
+
+def cmd_budget(args: argparse.Namespace) -> int:
+    from edged.client import budget_params
+
+    if args.budget_command == "request":
+        minimum: dict[str, Any] = {}
+        for key, value in (
+            ("memory", args.min_memory),
+            ("cpu", args.min_cpu),
+            ("gpu_memory", args.min_gpu_memory),
+        ):
+            if value is not None:
+                minimum[key] = value
+        try:
+            params = budget_params(
+                memory=args.memory,
+                cpu=args.cpu,
+                gpu_memory=args.gpu_memory,
+                gpu=args.gpu,
+                min=minimum or None,
+                wait_s=args.wait,
+                ttl_s=args.ttl,
+                klass=args.klass,
+                # the CLI exits at once: a lease for its own pid would be useless
+                pid=args.pid if args.pid is not None else os.getppid(),
+            )
+        except ValueError as exc:
+            print(f"edged: budget request: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    try:
+        with _client(args.socket) as client:
+            if args.budget_command == "request":
+                lease = client.request_budget(params)
+                result: Any = {
+                    "lease": lease.id,
+                    "granted": lease.granted,
+                    "enforced": lease.enforced,
+                }
+                text = (
+                    f"lease {lease.id}: {_amounts(lease.granted)}"
+                    f" for pid {params['pid']} (enforced: {lease.enforced})"
+                )
+            elif args.budget_command == "list":
+                result = client.list_budgets()
+                leases = result.get("leases", []) if isinstance(result, dict) else result
+                text = (
+                    "\n".join(
+                        f"{le.get('lease')!s:<12} pid {le.get('pid')!s:<8} "
+                        f"{le.get('class', '')!s:<10} {_amounts(le.get('granted', {}))}"
+                        for le in leases
+                    )
+                    or "no leases"
+                )
+            else:
+                result = client.call("budget.release", {"lease": args.lease})
+                text = f"released {args.lease}"
+    except _client_errors() as exc:
+        return _client_failure(exc)
+    print(json.dumps(result) if args.json else text)
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     try:
@@ -321,6 +676,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "check-config": cmd_check_config,
         "status": cmd_status,
         "events": cmd_events,
+        "history": cmd_history,
+        "top": cmd_top,
+        "budget": cmd_budget,
     }
     try:
         return handlers[args.command](args)

@@ -24,6 +24,10 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 DEFAULT_CONFIG_PATH = Path("/etc/edged/edged.toml")
 ENV_PREFIX = "EDGED_"
+#: ``EDGED_*`` variables that are not config keys: the config file's name, the log level of
+#: ``edged run``, and the socket the clients (``edged status``, ``edged.client``) connect to.
+#: Exported in a shell, they must not make ``edged run`` refuse its configuration.
+NOT_SETTINGS_ENV = frozenset({"EDGED_CONFIG", "EDGED_LOG_LEVEL", "EDGED_SOCKET"})
 
 
 class ConfigError(Exception):
@@ -451,7 +455,7 @@ def load(
             _decode(_merge(data, layer), str(dropin))
             data = _merge(data, layer)
             sources.append(str(dropin))
-    env = {k: v for k, v in environ.items() if k != ENV_PREFIX + "CONFIG"}
+    env = {k: v for k, v in environ.items() if k not in NOT_SETTINGS_ENV}
     data = _merge(data, _env_layer(env))
     _decode(data, "environment")
     if overrides:
