@@ -97,7 +97,15 @@ def _parser() -> argparse.ArgumentParser:
         "--pid",
         type=int,
         default=None,
-        help="the process the budget is for (default: the one that ran edged, e.g. the shell)",
+        help="the process the budget is for (default: COMMAND, else the shell that ran edged)",
+    )
+    request.add_argument(
+        "command",
+        nargs=argparse.REMAINDER,
+        metavar="-- COMMAND",
+        help="run COMMAND under the lease and release it when COMMAND exits (a lease lives as "
+        "long as the connection that holds it: without COMMAND, edged holds it until "
+        "interrupted)",
     )
     budget_list = budget_sub.add_parser("list", help="the leases visible to you")
     release = budget_sub.add_parser("release", help="give a lease back")
@@ -603,6 +611,63 @@ def _top_loop_rich(client: Any, args: argparse.Namespace) -> int:
             time.sleep(args.interval)
 
 
+def _hold_budget(args: argparse.Namespace, params: dict[str, Any]) -> int:
+    """``budget request``: a lease lives as long as the connection that holds it, so the CLI
+    holds it: while COMMAND runs (the lease is for COMMAND's pid unless ``--pid``; the exit
+    code is COMMAND's), or until SIGINT/SIGTERM. Notifications (shrink, revoke) go to stderr."""
+    import signal
+    import subprocess
+
+    command = [c for c in args.command if c != "--"] if args.command else []
+    child: subprocess.Popen[bytes] | None = None
+    stop = {"now": False}
+
+    def interrupted(signum: int, frame: object) -> None:
+        stop["now"] = True
+
+    try:
+        with _client(args.socket) as client:
+            if command:
+                try:
+                    child = subprocess.Popen(command)
+                except OSError as exc:
+                    print(f"edged: budget request: cannot run {command[0]}: {exc}", file=sys.stderr)
+                    return EXIT_ERROR
+                if args.pid is None:
+                    params["pid"] = child.pid
+            for method in ("budget.shrink", "budget.grow", "budget.revoked"):
+                client.on(
+                    method, lambda p, m=method: print(f"{m} {json.dumps(p)}", file=sys.stderr)
+                )
+            lease = client.request_budget(params)
+            result = {"lease": lease.id, "granted": lease.granted, "enforced": lease.enforced}
+            text = (
+                f"lease {lease.id}: {_amounts(lease.granted)} for pid {params['pid']} "
+                f"(enforced: {lease.enforced})"
+            )
+            print(
+                json.dumps(result) if args.json else text,
+                file=sys.stderr if command else sys.stdout,
+                flush=True,
+            )
+            signal.signal(signal.SIGINT, interrupted)
+            signal.signal(signal.SIGTERM, interrupted)
+            while not stop["now"] and not lease.revoked:
+                if child is not None and child.poll() is not None:
+                    break
+                client.poll(0.2)
+            if child is not None:
+                if child.poll() is None:
+                    child.terminate()
+                return child.wait()
+            return EXIT_OK
+    except _client_errors() as exc:
+        if child is not None and child.poll() is None:
+            child.terminate()
+            child.wait()
+        return _client_failure(exc)
+
+
 def cmd_budget(args: argparse.Namespace) -> int:
     from edged.client import budget_params
 
@@ -625,26 +690,15 @@ def cmd_budget(args: argparse.Namespace) -> int:
                 wait_s=args.wait,
                 ttl_s=args.ttl,
                 klass=args.klass,
-                # the CLI exits at once: a lease for its own pid would be useless
                 pid=args.pid if args.pid is not None else os.getppid(),
             )
         except ValueError as exc:
             print(f"edged: budget request: {exc}", file=sys.stderr)
             return EXIT_USAGE
+        return _hold_budget(args, params)
     try:
         with _client(args.socket) as client:
-            if args.budget_command == "request":
-                lease = client.request_budget(params)
-                result: Any = {
-                    "lease": lease.id,
-                    "granted": lease.granted,
-                    "enforced": lease.enforced,
-                }
-                text = (
-                    f"lease {lease.id}: {_amounts(lease.granted)}"
-                    f" for pid {params['pid']} (enforced: {lease.enforced})"
-                )
-            elif args.budget_command == "list":
+            if args.budget_command == "list":
                 result = client.list_budgets()
                 leases = result.get("leases", []) if isinstance(result, dict) else result
                 text = (
@@ -656,7 +710,8 @@ def cmd_budget(args: argparse.Namespace) -> int:
                     or "no leases"
                 )
             else:
-                result = client.call("budget.release", {"lease": args.lease})
+                lease_id: Any = int(args.lease) if str(args.lease).isdigit() else args.lease
+                result = client.call("budget.release", {"lease": lease_id})
                 text = f"released {args.lease}"
     except _client_errors() as exc:
         return _client_failure(exc)

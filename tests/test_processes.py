@@ -108,6 +108,38 @@ def test_hurry_lists_proc_before_the_rescan_interval(
     assert late.pid in sensor.watched
 
 
+RENAMES_ITSELF = """
+import ctypes, sys, time
+print("ready", flush=True)
+time.sleep(0.4)
+ctypes.CDLL(None).prctl(15, sys.argv[1].encode(), 0, 0, 0)  # PR_SET_NAME, as a program may
+print("renamed", flush=True)
+time.sleep(30)
+"""
+
+
+def test_a_young_process_is_judged_again_after_it_renames_itself(
+    children: list[subprocess.Popen[str]],
+) -> None:
+    """Seen in its first moments a process may still carry its parent's name (a fork before
+    exec) or rename itself as it starts: an unmatched young process is judged again at the next
+    listing, so a rule on its final name still catches it."""
+    name = f"edged-yng{os.getpid() % 100000}"
+    p = subprocess.Popen(
+        [sys.executable, "-c", RENAMES_ITSELF, name], stdout=subprocess.PIPE, text=True
+    )
+    children.append(p)
+    assert p.stdout is not None
+    assert p.stdout.readline().strip() == "ready"
+    sensor = ProcessSensor(Roots(), [Rule(name=name)], mode="rules")
+    sensor.rescan()
+    assert p.pid not in sensor.watched  # still called python
+    assert p.stdout.readline().strip() == "renamed"
+    sensor.rescan()
+    assert p.pid in sensor.watched
+    assert sensor.watched[p.pid].info.name == name
+
+
 def test_an_exited_process_is_dropped_without_error(children: list[subprocess.Popen[str]]) -> None:
     tag = f"edged-exit-{os.getpid()}"
     p = start(children, 1, 30, "sleep", tag)

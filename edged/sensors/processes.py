@@ -40,6 +40,9 @@ if TYPE_CHECKING:
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 _GONE = (errno.ESRCH, errno.ENOENT)
+CLK_TCK = USER_HZ  # /proc/<pid>/stat's start time and /proc/uptime's seconds, reconciled
+# an unmatched process younger than this is judged again at the next listing (see rescan)
+YOUNG_S = 2.0
 
 
 @dataclass
@@ -137,6 +140,14 @@ class ProcessSensor(Sensor):
         self.watched[info.pid] = watched
         self._known.add(info.pid)
 
+    def _uptime_ticks(self) -> float:
+        """Seconds since boot, in clock ticks (the unit of a process's start time)."""
+        try:
+            with open(os.path.join(self._proc, "uptime"), "rb") as f:
+                return float(f.read().split()[0]) * CLK_TCK
+        except (OSError, ValueError, IndexError):
+            return float("inf")  # unknown: treat every process as settled
+
     def hurry(self, within_s: float) -> None:
         """List /proc again within ``within_s`` (sooner than ``rescan_s``): under memory
         pressure the process that causes it may have started since the last listing."""
@@ -148,18 +159,30 @@ class ProcessSensor(Sensor):
             return
         pids = {int(e) for e in os.listdir(self._proc) if e.isdigit()}
         self._known &= pids  # forget pids that are gone, so a reuse is judged again
+        now_ticks: float | None = None
         for pid in pids - self._known:
-            self._known.add(pid)
             if self._mode == "none":
+                self._known.add(pid)
                 continue
             info = read_process_info(self._path(), pid)
             if info is None:
+                self._known.add(pid)
                 continue
             klass = self._classifier.classify(info)
             if klass is None and self._mode == "all":
                 klass = "normal"
             if klass is not None:
+                self._known.add(pid)
                 self._add(info, klass)
+                continue
+            # Unmatched. A process seen in its first moments may not be what it will be: a
+            # fork not yet exec'd carries its parent's name and command line, and a program
+            # may rename itself (prctl) as it starts. A young one is judged again at the next
+            # listings until it is YOUNG_S old; an older one is settled.
+            if now_ticks is None:
+                now_ticks = self._uptime_ticks()
+            if now_ticks - info.start_ticks >= YOUNG_S * CLK_TCK:
+                self._known.add(pid)
 
     def scan_scope(self, members: ScopeMembers, relist: bool = False) -> None:
         """Watch the governed group's new members and drop the processes that left it.
