@@ -771,6 +771,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     runs = 1 if args.quick else args.runs
     set_comm("bench-harness")
+    # SIGTERM unwinds like Ctrl-C, so the balloon, the page lists and the groups are put back
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
         check=True,
