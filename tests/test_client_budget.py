@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -225,25 +226,52 @@ def edged(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_budget_cli_request_list_release(server: BudgetServer) -> None:
+    """``request`` holds its lease (a lease lives as long as its connection) until it is
+    interrupted; ``list`` shows it; ``release`` gives it back."""
     sock = str(server.path)
-    out = edged("budget", "request", "--socket", sock, "--memory", "1GiB", "--cpu", "0.5", "--json")
-    assert out.returncode == 0, out.stderr
-    granted = json.loads(out.stdout)
-    lease = granted["lease"]
-    assert granted["granted"] == {"memory": GIB, "cpu": 0.5}
-    # the CLI exits at once, so by default the budget is for the process that ran it
-    assert server.requests[0]["pid"] != 0
-    listed = edged("budget", "list", "--socket", sock)
-    assert listed.returncode == 0
-    assert lease in listed.stdout
-    assert "1.00 GiB" in listed.stdout
-    released = edged("budget", "release", lease, "--socket", sock)
-    assert released.returncode == 0
-    assert f"released {lease}" in released.stdout
-    assert server.leases == {}
-    again = edged("budget", "release", lease, "--socket", sock)
-    assert again.returncode == 1
-    assert "no such lease" in again.stderr
+    holder = subprocess.Popen(
+        [sys.executable, "-m", "edged", "budget", "request", "--socket", sock,
+         "--memory", "1GiB", "--cpu", "0.5", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None
+        granted = json.loads(holder.stdout.readline())
+        lease = granted["lease"]
+        assert granted["granted"] == {"memory": GIB, "cpu": 0.5}
+        # without --pid or a command, the budget is for the process that ran edged
+        assert server.requests[0]["pid"] == os.getpid()
+        listed = edged("budget", "list", "--socket", sock)
+        assert listed.returncode == 0
+        assert lease in listed.stdout
+        assert "1.00 GiB" in listed.stdout
+        released = edged("budget", "release", lease, "--socket", sock)
+        assert released.returncode == 0
+        assert f"released {lease}" in released.stdout
+        assert server.leases == {}
+        again = edged("budget", "release", lease, "--socket", sock)
+        assert again.returncode == 1
+        assert "no such lease" in again.stderr
+    finally:
+        holder.terminate()
+        assert holder.wait(timeout=10) == 0  # interrupted: a clean exit
+
+
+def test_budget_cli_runs_a_command_under_its_lease(server: BudgetServer) -> None:
+    """``request -- COMMAND``: the lease is for COMMAND's pid, held while it runs, released
+    when it exits, and the exit code is COMMAND's."""
+    sock = str(server.path)
+    out = edged(
+        "budget", "request", "--socket", sock, "--memory", "1GiB", "--json",
+        "--", sys.executable, "-c", "import sys, time; time.sleep(0.3); sys.exit(7)",
+    )  # fmt: skip
+    assert out.returncode == 7, out.stderr
+    lease = json.loads(out.stderr.splitlines()[0])["lease"]  # stdout is the command's
+    assert server.requests[0]["pid"] not in (0, os.getpid())
+    deadline = time.monotonic() + 5
+    while lease in server.leases and time.monotonic() < deadline:  # released with the connection
+        time.sleep(0.02)
+    assert lease not in server.leases
 
 
 def test_budget_cli_exit_codes(server: BudgetServer, tmp_path: Path) -> None:
