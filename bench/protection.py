@@ -409,12 +409,13 @@ class Daemon:
     socket_path: Path | None = None
 
     def actions_ns(self) -> list[tuple[int, int, str]]:
-        """edged only: (time_ns, pid, action) of each action it took (done or dry run)."""
+        """edged only: (time_ns, pid, action and why) of each action it took (done or dry
+        run)."""
         if self.socket_path is None or self.proc is None or self.proc.poll() is not None:
             return []
         reply = rpc(self.socket_path, "events", {"since": 0})
         return [
-            (int(e["time_unix_ns"]), int(e["pid"]), str(e["action"]))
+            (int(e["time_unix_ns"]), int(e["pid"]), f"{e['action']} ({e['detail'][:200]})")
             for e in reply["events"]
             if e.get("status") in ("done", "dry_run")
         ]

@@ -140,6 +140,44 @@ def test_a_young_process_is_judged_again_after_it_renames_itself(
     assert sensor.watched[p.pid].info.name == name
 
 
+BECOMES_ANOTHER = """
+import ctypes, sys, time
+ctypes.CDLL(None).prctl(15, sys.argv[2].encode(), 0, 0, 0)  # as a fork carries its parent's
+print("ready", flush=True)
+time.sleep(0.4)
+ctypes.CDLL(None).prctl(15, sys.argv[1].encode(), 0, 0, 0)  # as it is after its exec
+print("renamed", flush=True)
+time.sleep(30)
+"""
+
+
+def test_a_watched_process_that_becomes_another_is_judged_again(
+    children: list[subprocess.Popen[str]],
+) -> None:
+    """A fork carries its parent's name until it execs: seen then, it matched the parent's rule
+    and class. When its name changes it is judged again: here it leaves the critical rule it
+    matched and is taken by the rule on its new name."""
+    parent = f"edged-par{os.getpid() % 100000}"
+    child = f"edged-chl{os.getpid() % 100000}"
+    p = subprocess.Popen(
+        [sys.executable, "-c", BECOMES_ANOTHER, child, parent], stdout=subprocess.PIPE, text=True
+    )
+    children.append(p)
+    assert p.stdout is not None
+    assert p.stdout.readline().strip() == "ready"
+    rules = [Rule(name=parent, klass="critical"), Rule(name=child, klass="besteffort")]
+    sensor = ProcessSensor(Roots(), rules, mode="rules")
+    sensor.rescan()
+    assert sensor.watched[p.pid].klass == "critical"
+    assert p.stdout.readline().strip() == "renamed"
+    sensor.read()
+    assert sensor.watched[p.pid].klass == "besteffort"
+    assert sensor.watched[p.pid].info.name == child
+    readings = sensor.read()
+    mine = [r for r in readings if r.attributes["process.pid"] == p.pid]
+    assert {r.attributes["edged.class"] for r in mine} == {"besteffort"}
+
+
 def test_an_exited_process_is_dropped_without_error(children: list[subprocess.Popen[str]]) -> None:
     tag = f"edged-exit-{os.getpid()}"
     p = start(children, 1, 30, "sleep", tag)

@@ -215,6 +215,7 @@ class ProcessSensor(Sensor):
             self.rescan()
         out: list[Reading] = []
         gone: list[int] = []
+        renamed: list[int] = []
         for pid, w in self.watched.items():
             try:
                 raw = w.stat.read_bytes()
@@ -227,10 +228,15 @@ class ProcessSensor(Sensor):
                 gone.append(pid)
                 continue
             # fields after "(comm) ": state=0 ... utime=11 stime=12 ... starttime=19 ... rss=21
-            fields = raw[raw.rindex(b")") + 2 :].split(None, 22)
+            close = raw.rindex(b")")
+            fields = raw[close + 2 :].split(None, 22)
             if int(fields[19]) != w.info.start_ticks:  # pid reused by another process
                 gone.append(pid)
                 continue
+            if raw[raw.index(b"(") + 1 : close].decode("utf-8", "replace") != w.info.name:
+                # it exec'd or renamed itself: a fork seen before its exec carried its
+                # parent's name (and rule, and class); judge what it is now
+                renamed.append(pid)
             out.append(
                 Reading("process.memory.usage", float(int(fields[21]) * PAGE_SIZE), w.memory_attrs)
             )
@@ -257,7 +263,29 @@ class ProcessSensor(Sensor):
             self.watched.pop(pid).close()
             self._explicit.pop(pid, None)
             self._known.discard(pid)  # a reused pid is judged afresh when it is seen again
+        for pid in renamed:
+            self._rejudge(pid)
         return out
+
+    def _rejudge(self, pid: int) -> None:
+        """Classify a watched process again after its name changed (rare: exec, prctl)."""
+        watched = self.watched[pid]
+        info = read_process_info(self._path(), pid)
+        if info is None or info.start_ticks != watched.info.start_ticks:
+            return  # gone: the next read drops it
+        if pid in self._explicit:  # a budget client keeps the class it was given
+            watched.info = info
+            watched.attributes_changed()
+            return
+        klass = self._classifier.classify(info)
+        if klass is None and self._mode == "all":
+            klass = "normal"
+        if klass is None and self._members is None:
+            self.watched.pop(pid).close()  # no rule names it any more
+            return
+        watched.info = info
+        watched.klass = klass or "normal"
+        watched.attributes_changed()
 
     def close(self) -> None:
         for w in self.watched.values():
