@@ -1,8 +1,9 @@
 """A small real JSON-lines budget server for client tests, following DESIGN section 6.
 
-The real daemon's ``budget.*`` methods come from another branch (the ledger); until they are
-on main, the client library and ``edged budget`` are tested against this server: a real Unix
-socket, one JSON-RPC 2.0 object per line, a thread per connection, the peer from SO_PEERCRED.
+The client library and ``edged budget`` are tested against this server where a test must
+make the daemon's side happen on demand (a ``budget.shrink`` now, a queue that times out): a
+real Unix socket, one JSON-RPC 2.0 object per line, a thread per connection, the peer from
+SO_PEERCRED. The real daemon's ``budget.*`` methods have their own tests.
 
 What it implements: ``hello``, ``budget.request`` (capacity-checked: 1001 with
 ``data.available``; ``wait`` queues up to that many seconds, then 1002; a ``pid`` owned by
@@ -105,6 +106,7 @@ class BudgetServer:
         self.leases: dict[str, dict[str, Any]] = {}
         self.requests: list[dict[str, Any]] = []  # every budget.request's params, in order
         self.releases: list[str] = []
+        self.updates: list[dict[str, Any]] = []  # every budget.update's params, in order
         self._next = 1
         self._server = _Server(str(path), _Handler)
         self._server.owner = self
@@ -165,6 +167,7 @@ class BudgetServer:
             return {}
         if method == "budget.update":
             with self.lock:
+                self.updates.append(dict(params))
                 lease = self.leases.get(str(params.get("lease")))
                 if lease is None:
                     raise RpcFailure(1004, "no such lease")
