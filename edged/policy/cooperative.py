@@ -123,6 +123,7 @@ class CooperativeStrategy(DynamicStrategy):
         self.shares: dict[ProcessKey, float] = {}  # the last fair shares, bytes
 
     def decide(self, state: State) -> list[Action]:
+        self._now_s = state.now_s  # (dynamic's clock for what it sent; set again by it below)
         usage = state.usage.get(Resource.MEMORY)
         limit = state.limits.get(Resource.MEMORY)
         clients = [p for p in state.processes if p.client and eligible(p)]
@@ -192,21 +193,15 @@ class CooperativeStrategy(DynamicStrategy):
         for p in over:
             target = self.shares[key_of(p)]
             self._notices[key_of(p)] = _Notice(state.now_s, target)
-            actions.append(
-                Action(
-                    kind=ActionKind.NOTIFY,
-                    pid=p.pid,
-                    resource=Resource.MEMORY,
-                    reason="pressure",
-                    strategy=self.name,
-                    klass=p.klass,
-                    start_ticks=p.start_ticks,
-                    target=target,
-                    deadline_s=self.settings["deadline_s"],
-                    detail=f"client {p.client} uses {p.memory_bytes / MIB:.0f} MiB, fair share "
-                    f"{target / MIB:.0f} MiB; shrink within {self.settings['deadline_s']:g} s",
-                )
+            deadline_s = self.settings["deadline_s"]
+            detail = (
+                f"client {p.client} uses {p.memory_bytes / MIB:.0f} MiB, fair share "
+                f"{target / MIB:.0f} MiB; shrink within {deadline_s:g} s"
             )
+            notice = self._action(
+                ActionKind.NOTIFY, p, Resource.MEMORY, "pressure", target=target, detail=detail
+            )
+            actions.append(dataclasses.replace(notice, deadline_s=deadline_s))
         return actions
 
     def _settle(
@@ -228,18 +223,19 @@ class CooperativeStrategy(DynamicStrategy):
             if late and not notice.escalated:
                 notice.escalated = True
                 self.escalated += 1
+                target = max(self.settings["min_throttle_bytes"], notice.target_bytes)
+                detail = (
+                    f"client {process.client} still uses {process.memory_bytes / MIB:.0f} MiB "
+                    f"{self.settings['deadline_s']:g} s after being asked for "
+                    f"{notice.target_bytes / MIB:.0f} MiB"
+                )
                 actions.append(
-                    Action(
-                        kind=ActionKind.THROTTLE,
-                        pid=process.pid,
-                        resource=Resource.MEMORY,
-                        reason="ignored-shrink",
-                        strategy=self.name,
-                        klass=process.klass,
-                        start_ticks=process.start_ticks,
-                        target=max(self.settings["min_throttle_bytes"], notice.target_bytes),
-                        detail=f"client {process.client} still uses "
-                        f"{process.memory_bytes / MIB:.0f} MiB {self.settings['deadline_s']:g} s "
-                        f"after being asked for {notice.target_bytes / MIB:.0f} MiB",
+                    self._action(
+                        ActionKind.THROTTLE,
+                        process,
+                        Resource.MEMORY,
+                        "ignored-shrink",
+                        target=target,
+                        detail=detail,
                     )
                 )
