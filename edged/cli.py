@@ -100,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
         help="the process the budget is for (default: COMMAND, else the shell that ran edged)",
     )
     request.add_argument(
-        "command",
+        "run_command",
         nargs=argparse.REMAINDER,
         metavar="-- COMMAND",
         help="run COMMAND under the lease and release it when COMMAND exits (a lease lives as "
@@ -618,7 +618,7 @@ def _hold_budget(args: argparse.Namespace, params: dict[str, Any]) -> int:
     import signal
     import subprocess
 
-    command = [c for c in args.command if c != "--"] if args.command else []
+    command = [c for c in args.run_command if c != "--"] if args.run_command else []
     child: subprocess.Popen[bytes] | None = None
     stop = {"now": False}
 

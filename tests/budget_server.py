@@ -72,6 +72,10 @@ class _Handler(socketserver.StreamRequestHandler):
         finally:
             with owner.lock:
                 owner.connections.remove(conn)
+                # a lease dies with its connection, as in the daemon (DESIGN section 6)
+                for lease_id in [k for k, v in owner.leases.items() if v["conn"] is conn]:
+                    del owner.leases[lease_id]
+                owner.lock.notify_all()
 
 
 class _Connection:

@@ -21,6 +21,7 @@ from edged.client import (
     AsyncClient,
     Client,
     DaemonUnavailable,
+    InsufficientResources,
     InvalidParams,
     MethodNotFound,
     socket_path,
@@ -60,9 +61,12 @@ def test_read_only_methods(daemon: RunningDaemon) -> None:
 def test_errors_are_typed_and_the_connection_survives_them(daemon: RunningDaemon) -> None:
     with Client(daemon.socket_path) as client:
         with pytest.raises(MethodNotFound) as info:
-            client.call("budget.request", {"resources": {"memory": 1}})
+            client.call("budget.borrow", {"resources": {"memory": 1}})
         assert info.value.code == -32601
-        assert "budget.request" in info.value.message
+        assert "budget.borrow" in info.value.message
+        with pytest.raises(InsufficientResources) as short:
+            client.call("budget.request", {"resources": {"memory": 2**50}})
+        assert short.value.available["memory"] > 0
         with pytest.raises(InvalidParams):
             client.events(since=-1)
         with pytest.raises(InvalidParams, match="unsupported protocol"):
@@ -288,13 +292,23 @@ def test_top_and_history_without_a_daemon_exit_3(tmp_path: Path) -> None:
         assert "not running" in out.stderr
 
 
-def test_budget_cli_against_a_daemon_without_budget_methods_exits_1(
-    daemon: RunningDaemon,
-) -> None:
-    """Until the ledger lands, the daemon has no budget.* methods: a clear error, exit 1."""
-    out = edged("budget", "list", "--socket", str(daemon.socket_path))
-    assert out.returncode == 1
-    assert "no such method: budget.list" in out.stderr
+def test_budget_cli_against_the_daemon(daemon: RunningDaemon) -> None:
+    """``edged budget`` on the real daemon's ledger: a request runs its command under the lease,
+    which is gone once the command exits; a refusal says what is available (exit 1)."""
+    sock = str(daemon.socket_path)
+    held = edged(
+        "budget", "request", "--socket", sock, "--cpu", "0.1", "--json", "--",
+        sys.executable, "-c", "print('working')",
+    )  # fmt: skip
+    assert held.returncode == 0, held.stderr
+    assert held.stdout.strip() == "working"
+    assert json.loads(held.stderr.splitlines()[0])["granted"] == {"cpu": 0.1}
+    listed = edged("budget", "list", "--socket", sock, "--json")
+    assert listed.returncode == 0
+    assert json.loads(listed.stdout)["leases"] == []  # released with the connection
+    refused = edged("budget", "request", "--socket", sock, "--memory", "1000000GiB")
+    assert refused.returncode == 1
+    assert "available now" in refused.stderr
 
 
 def test_client_variables_do_not_break_the_daemon_s_configuration(daemon: RunningDaemon) -> None:

@@ -254,7 +254,11 @@ def test_budget_cli_request_list_release(server: BudgetServer) -> None:
         assert "no such lease" in again.stderr
     finally:
         holder.terminate()
-        assert holder.wait(timeout=10) == 0  # interrupted: a clean exit
+        code = holder.wait(timeout=10)
+        for stream in (holder.stdout, holder.stderr):
+            if stream is not None:
+                stream.close()
+    assert code == 0  # interrupted: a clean exit
 
 
 def test_budget_cli_runs_a_command_under_its_lease(server: BudgetServer) -> None:
