@@ -520,7 +520,9 @@ def test_dead_collector_neither_blocks_nor_floods_the_log(caplog: pytest.LogCapt
             t.count_sensor_error("memory")
             slowest = max(slowest, time.perf_counter() - start)
             time.sleep(0.01)
-        assert slowest < 0.05
+        # a blocked tick would wait out an export's retries (about 1 s); a busy 2-core box can
+        # hold a tick up by a GIL switch or two (0.12 s seen), which is not blocking
+        assert slowest < 0.5
         assert latest_calls[0] >= 3  # collections went on
 
         def failed_reports() -> list[logging.LogRecord]:
