@@ -171,6 +171,17 @@ class _Base:
         finally:
             os.close(fd)
 
+    def _move_back(self, directory: Path, path: str, pid: int) -> bool:
+        """Write ``pid`` into ``directory``'s cgroup.procs; False (and forgotten) if it is gone."""
+        try:
+            self._write(directory / "cgroup.procs", str(pid), path, pid)
+        except CgroupError as exc:
+            if isinstance(exc.__cause__, OSError) and exc.__cause__.errno == errno.ESRCH:
+                self._origins.pop(pid, None)
+                return False
+            raise
+        return True
+
     def _read(self, path: Path, group: str) -> str:
         try:
             return path.read_text()
@@ -268,14 +279,8 @@ class CgroupV1(_Base):
         target = dict(origin) if origin is not None else self._origins.get(pid, {})
         for c in self.controllers:
             path = target.get(c, "/")
-            d = _existing_ancestor(self.root / c, path)
-            try:
-                self._write(d / "cgroup.procs", str(pid), path, pid)
-            except CgroupError as exc:
-                if isinstance(exc.__cause__, OSError) and exc.__cause__.errno == errno.ESRCH:
-                    self._origins.pop(pid, None)
-                    return False
-                raise
+            if not self._move_back(_existing_ancestor(self.root / c, path), path, pid):
+                return False
         self._origins.pop(pid, None)
         return True
 
@@ -434,14 +439,8 @@ class CgroupV2(_Base):
     def release(self, pid: int, origin: Mapping[str, str] | None = None) -> bool:
         target = dict(origin) if origin is not None else self._origins.get(pid, {})
         path = target.get("", "/")
-        d = _existing_ancestor(self.root, path)
-        try:
-            self._write(d / "cgroup.procs", str(pid), path, pid)
-        except CgroupError as exc:
-            if isinstance(exc.__cause__, OSError) and exc.__cause__.errno == errno.ESRCH:
-                self._origins.pop(pid, None)
-                return False
-            raise
+        if not self._move_back(_existing_ancestor(self.root, path), path, pid):
+            return False
         self._origins.pop(pid, None)
         return True
 

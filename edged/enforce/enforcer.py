@@ -192,15 +192,7 @@ class Enforcer:
             log.info("dropping %s: the situation recovered while selecting a victim", what)
             return Outcome.skipped("recovered")
         if self.dry_run:
-            log.info(
-                "dry run: would %s (target=%s, reason=%s, strategy=%s) %s",
-                what,
-                action.target,
-                action.reason,
-                action.strategy,
-                action.detail,
-            )
-            return Outcome.dry_run()
+            return self._dry_run(what, action)
         try:
             skip = self._act(action)
         except (NoSuchProcess, StaleProcess) as exc:  # it exited while we acted
@@ -225,6 +217,20 @@ class Enforcer:
         )
         return Outcome.done(reaction_s)
 
+    @staticmethod
+    def _dry_run(what: str, action: Action, unit: str = "") -> Outcome:
+        """Log the decision a dry run does not carry out."""
+        log.info(
+            "dry run: would %s (target=%s%s, reason=%s, strategy=%s) %s",
+            what,
+            action.target,
+            unit,
+            action.reason,
+            action.strategy,
+            action.detail,
+        )
+        return Outcome.dry_run()
+
     def _apply_gpu(self, action: Action, uuid: str, start_s: float) -> Outcome:
         """A GPU power-limit action: no process to check; re-check, record, act."""
         what = f"{action.kind.value} power limit of GPU {uuid}"
@@ -237,15 +243,7 @@ class Enforcer:
             log.info("dropping %s: the situation recovered", what)
             return Outcome.skipped("recovered")
         if self.dry_run:
-            log.info(
-                "dry run: would %s (target=%s W, reason=%s, strategy=%s) %s",
-                what,
-                action.target,
-                action.reason,
-                action.strategy,
-                action.detail,
-            )
-            return Outcome.dry_run()
+            return self._dry_run(what, action, " W")
         try:
             if action.kind is ActionKind.THROTTLE:
                 if action.target is None or action.target <= 0:

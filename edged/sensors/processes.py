@@ -58,6 +58,9 @@ class Watched:
     memory_attrs: dict[str, str | int] = field(init=False)
     user_attrs: dict[str, str | int] = field(init=False)
     system_attrs: dict[str, str | int] = field(init=False)
+    # the name as stat spells it at the first read (raw bytes: no decoding per tick); a
+    # change later means exec or a rename, and the process is judged again
+    comm: bytes | None = None
 
     def __post_init__(self) -> None:
         self.attributes_changed()
@@ -136,6 +139,8 @@ class ProcessSensor(Sensor):
 
     def _add(self, info: ProcessInfo, klass: str, client: str = "") -> None:
         watched = Watched(info=info, klass=klass, client=client)
+        if "\ufffd" not in info.name:  # else (not UTF-8) the first read sets it
+            watched.comm = info.name.encode()
         watched.open(self._proc)
         self.watched[info.pid] = watched
         self._known.add(info.pid)
@@ -233,10 +238,13 @@ class ProcessSensor(Sensor):
             if int(fields[19]) != w.info.start_ticks:  # pid reused by another process
                 gone.append(pid)
                 continue
-            if raw[raw.index(b"(") + 1 : close].decode("utf-8", "replace") != w.info.name:
-                # it exec'd or renamed itself: a fork seen before its exec carried its
-                # parent's name (and rule, and class); judge what it is now
-                renamed.append(pid)
+            comm = raw[raw.index(b"(") + 1 : close]
+            if comm != w.comm:
+                if w.comm is not None:
+                    # it exec'd or renamed itself: a fork seen before its exec carried its
+                    # parent's name (and rule, and class); judge what it is now
+                    renamed.append(pid)
+                w.comm = comm
             out.append(
                 Reading("process.memory.usage", float(int(fields[21]) * PAGE_SIZE), w.memory_attrs)
             )
@@ -273,6 +281,7 @@ class ProcessSensor(Sensor):
         info = read_process_info(self._path(), pid)
         if info is None or info.start_ticks != watched.info.start_ticks:
             return  # gone: the next read drops it
+        watched.comm = None  # the next read takes the new name as it is spelled
         if pid in self._explicit:  # a budget client keeps the class it was given
             watched.info = info
             watched.attributes_changed()
