@@ -378,7 +378,10 @@ class Daemon:
                 if self.config.sampling.interval_s != interval_s:
                     interval_s = self.config.sampling.interval_s
                     deadline_s = loop.time()
-            self._tick()
+            try:
+                self._tick()
+            finally:
+                self.server.release()  # answer the requests that waited for this tick
             step_s = self._next_interval_s(interval_s)
             if step_s < interval_s and self._processes is not None:
                 # near or over a limit: a culprit started since the last /proc listing must
@@ -390,6 +393,7 @@ class Daemon:
                 missed = int((now_s - deadline_s) // step_s) + 1
                 self.overruns += missed
                 deadline_s += missed * step_s
+            self.server.hold(deadline_s)  # from the deadline on, requests wait for the tick
             await self._sleep_until(loop, deadline_s)
 
     async def _sleep_until(self, loop: asyncio.AbstractEventLoop, deadline_s: float) -> None:
@@ -482,9 +486,10 @@ class Daemon:
     def _notify(self, connection: int, method: str, params: Any) -> bool:
         return self.server.notify(connection, method, params)
 
-    def _watch(self, pid: int, klass: str, client: str) -> bool:
-        """A lease holder is sampled from now on, with ``edged.client`` = its name."""
-        return self._processes.watch(pid, klass, client) if self._processes else False
+    def _watch(self, pid: int, klass: str, client: str) -> None:
+        """A lease holder is sampled from the next tick on, with ``edged.client`` = its name."""
+        if self._processes is not None:
+            self._processes.watch(pid, klass, client)
 
     def _unwatch(self, pid: int) -> None:
         if self._processes is not None:

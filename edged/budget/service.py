@@ -114,7 +114,7 @@ class BudgetService:
         notify: Callable[[int, str, Any], bool],
         *,
         proc: Path = Path("/proc"),
-        watch: Callable[[int, str, str], bool] | None = None,
+        watch: Callable[[int, str, str], object] | None = None,
         unwatch: Callable[[int], None] | None = None,
         enforcer: LeaseEnforcer | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -274,7 +274,8 @@ class BudgetService:
         target = params.get("pid", peer.pid)
         if isinstance(target, bool) or not isinstance(target, int) or not 0 < target < MAX_PID:
             raise _bad("pid must be a process id")
-        owner = self.uid_of(target)
+        # the peer itself: the kernel vouched for it at connect; another pid: /proc says whose
+        owner = peer.uid if target == peer.pid else self.uid_of(target)
         if owner is None:
             raise _bad(f"no process {target}")
         if owner != peer.uid and not admin:
