@@ -369,7 +369,7 @@ class _Connection(asyncio.Protocol):
         self._refilled_s = server.clock()
         self.last_line_s = self._refilled_s  # for the idle sweep
         self._reading_paused = False
-        self._held = False  # paused because the sampling tick is due (see Server.hold)
+        self._held = False  # its lines wait for the sampling tick (see Server.hold)
         self._write_blocked = False  # paused because the client does not read its replies
         self._pending: set[asyncio.Future[Any]] = set()  # deferred replies not yet written
         self.closed = False
@@ -404,6 +404,9 @@ class _Connection(asyncio.Protocol):
         if self.closed:
             return
         self._buffer += data
+        if self._held:  # waiting for the tick: answered by Server.release
+            self._update_reading()
+            return
         self._serve()
 
     def eof_received(self) -> bool:
@@ -494,7 +497,10 @@ class _Connection(asyncio.Protocol):
     def _update_reading(self) -> None:
         if self.transport is None or self.closed:
             return
-        want_paused = self._held or self._write_blocked
+        # held for the tick: keep reading (a pause and resume are two epoll_ctl calls per
+        # connection per tick) unless the client keeps writing past a line's worth
+        held_full = self._held and len(self._buffer) > self.server.max_line_bytes
+        want_paused = held_full or self._write_blocked
         if want_paused and not self._reading_paused:
             self.transport.pause_reading()
             self._reading_paused = True
