@@ -302,6 +302,24 @@ class Ledger:
                 out[loan.resource] = out.get(loan.resource, 0.0) + loan.amount
         return out
 
+    def recalled_of(self, lease_id: int) -> dict[str, float]:
+        """What a borrower has been told to give back and still holds, per resource."""
+        out: dict[str, float] = {}
+        for loan in self.loans:
+            if loan.borrower == lease_id and loan.recall_deadline_s is not None:
+                out[loan.resource] = out.get(loan.resource, 0.0) + loan.amount
+        return out
+
+    def set_lending(self, lending: Lending | None) -> Change:
+        """New lending settings (a reload). Turned off, every loan is recalled with the old
+        notice and nothing more is lent."""
+        change = Change()
+        if lending is None and self.lending is not None:
+            for lender in sorted({loan.lender for loan in self.loans}):
+                change.merge(self._recall(lender, RESOURCES))
+        self.lending = lending
+        return change
+
     def set_capacity(self, capacity: Amounts, reserve: Amounts | None = None) -> Change:
         """New totals (each tick: a limit reloaded, a GPU appeared); re-tries the queue and
         growth. Leases already granted are kept even if the new capacity no longer covers
@@ -667,10 +685,9 @@ class Ledger:
     def _recall(self, lender: int, keys: Iterable[str]) -> Change:
         """Recall ``lender``'s loans of ``keys`` that are not recalled yet."""
         keys = set(keys)
-        if not keys:
+        if not keys or self.lending is None:  # (no lending: no loans, or all recalled)
             return Change()
-        assert self.lending is not None or not self.loans
-        deadline_s = self._clock() + (self.lending.notice_s if self.lending else 0.0)
+        deadline_s = self._clock() + self.lending.notice_s
         touched: set[int] = set()
         for i, loan in enumerate(self.loans):
             if loan.lender == lender and loan.resource in keys and loan.recall_deadline_s is None:
