@@ -366,6 +366,27 @@ def test_a_lender_resizing_takes_its_budget_back_and_loans_never_cut_below_min()
     assert led.leases[borrower].granted["memory"] >= led.leases[borrower].minimum["memory"]
 
 
+def test_lending_turned_off_recalls_every_loan_with_notice() -> None:
+    clock = Clock()
+    led = lending_ledger(clock)
+    lender = granted(led, ask(led, requested={"memory": 8 * GIB}))
+    borrower = granted(
+        led, ask(led, conn=2, requested={"memory": 8 * GIB}, minimum={"memory": 1 * GIB})
+    )
+    led.observe(lender, {"memory": 0.0})
+    clock.now_s += 30.0
+    led.tick()
+    assert led.borrowed_by(borrower) == {"memory": 4 * GIB}
+    (recall,) = led.set_lending(None).recalled
+    assert (recall.lease.id, recall.target) == (borrower, {"memory": 2 * GIB})
+    assert recall.deadline_s == clock.now_s + 5.0
+    clock.now_s += 5.0
+    assert [x.id for x in led.expire().reclaimed] == [borrower]
+    assert led.loans == []
+    clock.now_s += 60.0
+    assert not led.tick().grown  # nothing is lent any more
+
+
 # ---- properties -----------------------------------------------------------------------------
 
 CAPACITY = {"memory": 100.0, "cpu": 8.0, "gpu_memory": 50.0}
