@@ -503,8 +503,8 @@ def test_properties_hold_with_loans_out(sequence: list[tuple[Any, ...]]) -> None
 
 
 def run_ops(clock: Clock, led: Ledger, sequence: list[tuple[Any, ...]]) -> None:
+    settled = True  # growth has run since the last grant or measurement (a pump)
     for op in sequence:
-        settled = True
         if op[0] == "request":
             _, conn, requested, fraction, klass, wait_s, ttl_s = op
             minimum = {k: v * fraction for k, v in requested.items()}
@@ -522,7 +522,8 @@ def run_ops(clock: Clock, led: Ledger, sequence: list[tuple[Any, ...]]) -> None:
             )
             if isinstance(out, Refused):
                 assert out.available == before
-            settled = False  # a grant is not followed by a pump (growth waits for the tick)
+            else:  # a grant is not followed by a pump (growth waits for the next event)
+                settled = False
         elif op[0] == "release":
             head = led.queue[0] if led.queue else None
             # mostly a live lease (the k-th), sometimes an id that is not one
@@ -533,16 +534,19 @@ def run_ops(clock: Clock, led: Ledger, sequence: list[tuple[Any, ...]]) -> None:
             except NoSuchLease:
                 assert lease_id not in led.leases
             else:
+                settled = True
                 # a release always admits the head of the queue if it now fits
                 if head is not None and head not in led.queue:
                     assert head.id in {g.lease.id for g in change.granted}
         elif op[0] == "close":
             led.close(op[1])
+            settled = True
             assert all(lease.connection != op[1] for lease in led.leases.values())
             assert all(a.connection != op[1] for a in led.queue)
         elif op[0] == "time":
             clock.now_s += op[1]
             led.expire()
+            settled = True
             assert all(a.wait_deadline_s > clock.now_s for a in led.queue)
             assert all(
                 lease.deadline_s is None or lease.deadline_s > clock.now_s
@@ -555,12 +559,14 @@ def run_ops(clock: Clock, led: Ledger, sequence: list[tuple[Any, ...]]) -> None:
                 used = {k: v * op[2] for k, v in lease.granted.items()}
                 if op[3]:
                     led.observe(lease.id, used)  # (no pump: that is the tick's)
+                    settled = False
                 else:
                     led.update(lease.id, usage=used)
-            settled = False
+                    settled = True
         elif led.leases:
             ids = sorted(led.leases)
             led.update(ids[op[1] % len(ids)], op[2])
+            settled = True
         check_invariants(led, settled)
         if led.loans:
             event("loans out")
