@@ -22,7 +22,7 @@ import msgspec
 
 from edged import __version__
 from edged import config as config_mod
-from edged.budget.service import BudgetService, capacity_of
+from edged.budget.service import BudgetService, capacity_of, lending_of
 from edged.history import History
 from edged.sampler import Sampler
 from edged.sensors import Roots, Sensor, SensorError, discover_all
@@ -78,7 +78,11 @@ class Daemon:
         self.telemetry: Telemetry | None = None
         self.notifier = Notifier(self._environ)
         self.budgets = BudgetService(
-            self._notify, proc=self.roots.proc, watch=self._watch, unwatch=self._unwatch
+            self._notify,
+            proc=self.roots.proc,
+            watch=self._watch,
+            unwatch=self._unwatch,
+            lending=lending_of(config.budget),
         )
         self.server = Server(
             self._methods(),
@@ -475,6 +479,7 @@ class Daemon:
         """The ledger's capacity from this tick (hard limits, else totals), then its queue;
         GPU-memory leases against NVML's per-process figures."""
         self.budgets.check_gpu(snapshot.readings)
+        self.budgets.observe(snapshot.readings)  # idle leases lend, busy lenders take back
         state = self.controller.last_state if self.controller is not None else None
         if state is None:
             return
@@ -528,6 +533,8 @@ class Daemon:
             self.budgets.rewatch()  # the new process sensor samples the lease holders too
             if self._history_capacity(new) != self.history.capacity:
                 self.history = History(self._history_capacity(new))
+        if new.budget != old.budget:
+            self.budgets.configure(lending_of(new.budget))  # reserves: at the next tick
         if new.alerts != old.alerts and self.controller is not None:
             # pending alerts are held against the new times from the next tick on
             self.controller.alerts.for_s = new.alerts.for_s
