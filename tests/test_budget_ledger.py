@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 from edged.budget.ledger import (
     RESOURCES,
     Granted,
+    Lease,
+    LeaseBook,
     Ledger,
     Lending,
     NoSuchLease,
@@ -580,3 +582,58 @@ def run_ops(clock: Clock, led: Ledger, sequence: list[tuple[Any, ...]]) -> None:
     assert not led.loans
     assert all(v == 0.0 for v in led.granted_total().values())
     assert led.available() == {k: led.usable().get(k, 0.0) for k in RESOURCES}
+
+
+def _lease(lease_id: int, pid: int, granted: float, requested: float, ttl: bool) -> Lease:
+    return Lease(
+        id=lease_id,
+        owner_uid=0,
+        owner_pid=pid,
+        target_pid=pid,
+        klass="normal",
+        granted={"memory": granted, "cpu": granted / GIB},
+        requested={"memory": requested, "cpu": granted / GIB},
+        minimum={"memory": min(granted, requested)},
+        connection=1,
+        granted_at_s=0.0,
+        deadline_s=5.0 if ttl else None,
+    )
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["set", "del", "pop"]),
+            st.integers(1, 12),  # lease id
+            st.integers(100, 103),  # target pid
+            st.floats(0, 8 * GIB),
+            st.floats(0, 8 * GIB),
+            st.booleans(),
+        ),
+        max_size=300,
+    )
+)
+def test_the_lease_book_indexes_agree_with_the_leases(ops: list[tuple[Any, ...]]) -> None:
+    """The running sums and indexes the ledger reads instead of walking every lease are what
+    walking them would give, after any sequence of grants, resizes and ends."""
+    book = LeaseBook()
+    for op, lease_id, pid, granted, requested, ttl in ops:
+        if op == "set":
+            book[lease_id] = _lease(lease_id, pid, granted, requested, ttl)
+        elif op == "del" and lease_id in book:
+            del book[lease_id]
+        elif op == "pop":
+            book.pop(lease_id)
+        leases = list(book.values())
+        for key in ("memory", "cpu"):
+            exact = sum(lease.granted[key] for lease in leases)
+            assert book.granted_total()[key] == pytest.approx(exact, rel=1e-12, abs=1e-6)
+        assert book.lacking == {x.id for x in leases if x.granted["memory"] < x.requested["memory"]}
+        assert book.with_ttl == {x.id for x in leases if x.deadline_s is not None}
+        for target in range(100, 104):
+            assert book.on_pid(target) == any(x.target_pid == target for x in leases)
+    book.clear()
+    assert book.granted_total() == {"memory": 0.0, "cpu": 0.0, "gpu_memory": 0.0}
+    with pytest.raises(TypeError):
+        book.update({})

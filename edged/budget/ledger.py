@@ -55,6 +55,7 @@ import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 # the resources a budget can hold, in their base units: bytes, cores, bytes
 RESOURCES = ("memory", "cpu", "gpu_memory")
@@ -92,6 +93,105 @@ class Lease:
     deadline_s: float | None = None  # ttl: revoked at this clock time
     gpu: int | None = None  # the GPU index the client named (bookkeeping only)
     usage: Amounts = field(default_factory=dict)  # the holder's last usage report
+
+
+class LeaseBook(dict[int, Lease]):
+    """The live leases (a dict by id), with what the ledger asks of them on every operation
+    kept at hand, so that a request or release among hundreds of leases does not walk them
+    all several times: the grants summed (running sums, made exact again every
+    :attr:`RESUM_EVERY` changes and whenever the book empties), the elastic leases (granted
+    less than asked), the leases with a ttl, and how many leases each process holds. Only
+    ``[]=``, ``del``, ``pop`` and ``clear`` change it; the other ways to change a dict would
+    bypass the indexes and are refused."""
+
+    # the running sums are exact again after this many changes (float adds and subtracts
+    # drift by an ulp or so each; this bounds it far below _EPSILON)
+    RESUM_EVERY = 4096
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._totals = dict.fromkeys(RESOURCES, 0.0)
+        self._changes = 0
+        self.lacking: set[int] = set()  # ids of leases granted less than asked of something
+        self.with_ttl: set[int] = set()
+        self._per_pid: dict[int, int] = {}  # target pid -> leases on it
+
+    def __setitem__(self, lease_id: int, lease: Lease) -> None:
+        old = self.get(lease_id)
+        super().__setitem__(lease_id, lease)
+        if old is not None:
+            self._unindex(old)
+        self._index(lease)
+        self._changed()
+
+    def __delitem__(self, lease_id: int) -> None:
+        lease = self[lease_id]
+        super().__delitem__(lease_id)
+        self._unindex(lease)
+        self._changed()
+
+    def pop(self, lease_id: int, default: Any = None) -> Any:  # type: ignore[override]
+        if lease_id not in self:
+            return default
+        lease = self[lease_id]
+        del self[lease_id]
+        return lease
+
+    def clear(self) -> None:
+        super().clear()
+        self.lacking.clear()
+        self.with_ttl.clear()
+        self._per_pid.clear()
+        self._resum()
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError("LeaseBook changes only by []=, del, pop and clear")
+
+    update = setdefault = popitem = _refuse  # type: ignore[assignment]
+
+    def _index(self, lease: Lease) -> None:
+        totals = self._totals
+        granted = lease.granted
+        for key, amount in granted.items():
+            totals[key] = totals.get(key, 0.0) + amount
+        if any(granted.get(key, 0.0) < amount for key, amount in lease.requested.items()):
+            self.lacking.add(lease.id)
+        if lease.deadline_s is not None:
+            self.with_ttl.add(lease.id)
+        self._per_pid[lease.target_pid] = self._per_pid.get(lease.target_pid, 0) + 1
+
+    def _unindex(self, lease: Lease) -> None:
+        totals = self._totals
+        for key, amount in lease.granted.items():
+            totals[key] = totals.get(key, 0.0) - amount
+        self.lacking.discard(lease.id)
+        self.with_ttl.discard(lease.id)
+        left = self._per_pid.get(lease.target_pid, 0) - 1
+        if left > 0:
+            self._per_pid[lease.target_pid] = left
+        else:
+            self._per_pid.pop(lease.target_pid, None)
+
+    def _changed(self) -> None:
+        self._changes += 1
+        if self._changes >= self.RESUM_EVERY or not self:
+            self._resum()
+
+    def _resum(self) -> None:
+        total = dict.fromkeys(RESOURCES, 0.0)
+        for lease in self.values():
+            for key, amount in lease.granted.items():
+                total[key] = total.get(key, 0.0) + amount
+        self._totals = total
+        self._changes = 0
+
+    def granted_total(self) -> dict[str, float]:
+        """Every grant summed per resource (a copy)."""
+        return dict(self._totals)
+
+    def on_pid(self, pid: int) -> bool:
+        """Whether any lease is for this process."""
+        return pid in self._per_pid
 
 
 @dataclass(frozen=True)
@@ -233,7 +333,7 @@ class Ledger:
         self.reserve: dict[str, float] = dict(reserve or {})
         self._clock = clock  # monotonic seconds; deadlines are on this clock
         self.lending = lending  # None: nothing is lent
-        self.leases: dict[int, Lease] = {}
+        self.leases = LeaseBook()
         self.queue: list[Ask] = []  # kept in admission order (class, then arrival)
         self.loans: list[Loan] = []  # in the order they were made
         self.measured: dict[int, dict[str, float]] = {}  # lease -> the daemon's measurement
@@ -252,15 +352,13 @@ class Ledger:
 
     def granted_total(self) -> dict[str, float]:
         """Every grant summed, borrowed parts included."""
-        total = dict.fromkeys(RESOURCES, 0.0)
-        for lease in self.leases.values():
-            for key, amount in lease.granted.items():
-                total[key] = total.get(key, 0.0) + amount
-        return total
+        return self.leases.granted_total()
 
     def borrowed_total(self) -> dict[str, float]:
         """What is out on loan, per resource."""
         total = dict.fromkeys(RESOURCES, 0.0)
+        if not self.loans:
+            return total
         for loan in self.loans:
             total[loan.resource] += loan.amount
         return total
@@ -332,7 +430,10 @@ class Ledger:
     def next_deadline_s(self) -> float | None:
         """The earliest ttl, wait or recall deadline, for the caller's timer."""
         deadlines = [a.wait_deadline_s for a in self.queue]
-        deadlines += [lease.deadline_s for lease in self.leases.values() if lease.deadline_s]
+        for lease_id in self.leases.with_ttl:
+            deadline_s = self.leases[lease_id].deadline_s
+            if deadline_s is not None:
+                deadlines.append(deadline_s)
         deadlines += [loan.recall_deadline_s for loan in self.loans if loan.recall_deadline_s]
         return min(deadlines) if deadlines else None
 
@@ -440,7 +541,8 @@ class Ledger:
         now_s = self._clock()
         change = Change()
         touched: set[int] = set()
-        for lease_id, lease in list(self.leases.items()):
+        for lease_id in sorted(self.leases.with_ttl):
+            lease = self.leases[lease_id]
             if lease.deadline_s is not None and lease.deadline_s <= now_s:
                 del self.leases[lease_id]
                 touched |= self._forget(lease_id)
@@ -575,6 +677,8 @@ class Ledger:
     def _grow(self) -> Change:
         """Raise elastic leases toward what they asked: first from free capacity (per resource
         no queued request asks for), then from what idle leases lend."""
+        if not self.leases.lacking:  # no elastic lease wants more: nothing to grow
+            return Change()
         grown: set[int] = set()
         blocked = {key for ask in self.queue for key in ask.requested}
         now_s = self._clock()
@@ -614,7 +718,8 @@ class Ledger:
     def _wanting(self, key: str, tiny: float) -> list[tuple[int, int, float]]:
         """(class rank, lease id, what it lacks) of every elastic lease on ``key``."""
         out = []
-        for lease in self.leases.values():
+        for lease_id in self.leases.lacking:
+            lease = self.leases[lease_id]
             lacks = lease.requested.get(key, 0.0) - lease.granted.get(key, 0.0)
             if lacks > tiny:
                 out.append((CLASS_ORDER[lease.klass], lease.id, lacks))

@@ -490,8 +490,7 @@ class BudgetService:
             self.enforcer.lift(lease)
         except OSError as exc:
             log.warning("lifting lease %d (pid %d) failed: %s", lease.id, lease.target_pid, exc)
-        still_held = any(x.target_pid == lease.target_pid for x in self.ledger.leases.values())
-        if self._unwatch is not None and not still_held:
+        if self._unwatch is not None and not self.ledger.leases.on_pid(lease.target_pid):
             self._unwatch(lease.target_pid)
 
     def _apply(self, change: Change, answered: int | None = None) -> None:
