@@ -79,7 +79,8 @@ a tick later), and counted as resolved
 Reported per strategy and per culprit kind: incidents, by shrink, by ladder, kernel OOM kills,
 processes killed (workload deaths the harness did not cause), the time from the crossing of
 soft to memory back under it (median and p95, nearest rank), the notice's delay after the
-crossing, the clients' time from receiving ``budget.shrink`` to having freed and reported; per
+crossing, the clients' time from receiving ``budget.shrink`` to having freed and reported,
+and the *bystanders asked* (notices to clients other than the culprit: they paid for it); per
 run the protected service's worst heartbeat gap, edged's CPU seconds and peak RSS, how the
 leases were enforced (``cgroup`` or ``cooperative``, from the grant) and edged's WARNING and
 ERROR log lines. Each incident's edged events, with times from the crossing, are in the JSON.
@@ -92,7 +93,8 @@ the strategy (``--strategies``); runs are interleaved (repetition, then strategy
 ``dynamic`` nobody is asked: the ladder is its only lever. Both get ``freeze_after_s = 2`` and
 ``freeze_max_s = 2`` (edged's defaults: 3 and 10) so that a ladder incident ends in about 8 s
 instead of 18 and a full run fits in 10 minutes; ``--ladder-defaults`` keeps edged's. edged
-runs at its default 1 s interval; ``cooperative`` at its default ``deadline_s`` of 5 s.
+runs at its default 1 s interval (it ticks every 20 ms near a level, so a notice follows the
+crossing by about ``hold_s``, 1 s); ``cooperative`` at its default ``deadline_s`` of 5 s.
 earlyoom and nohang are left out: they act on machine-wide MemAvailable and kill any process of
 the machine, so they cannot be fenced to one group without the balloon of ``protection.py``,
 and they have no notion of a lease: every incident would be theirs to kill.
@@ -373,7 +375,9 @@ class Incident:
     peak_over_soft_mib: float = 0.0
     oom_kills: int = 0
     killed: list[str] = field(default_factory=list)
-    actions: list[str] = field(default_factory=list)  # "+ms action pid-name (reason) status"
+    bystanders_asked: list[str] = field(default_factory=list)  # clients asked, not the culprit
+    actions: list[str] = field(default_factory=list)  # "+ms action name (reason) status: detail"
+    culprit_log: list[str] = field(default_factory=list)  # "+ms event detail" from its report
 
 
 @dataclass
@@ -526,8 +530,16 @@ class Run:
         time.sleep(SETTLE_S)
         events, self.seq = edged_events(self.daemon, self.seq)
         window = [e for e in events if e["time_unix_ns"] >= t0]
-        end = time.time_ns()
         names = {p.proc.pid: p.name for p in self.procs}
+        # a process edged sent SIGTERM or SIGKILL has its grace to go (a loaded box may take
+        # a while to run its handler): wait for it, so that its death is counted here
+        ended = {e["pid"] for e in window if e["action"] in ("terminate", "kill")}
+        wait_until = time.monotonic() + 5.0
+        while any(p.alive and p.proc.pid in ended for p in self.procs):
+            if time.monotonic() > wait_until:
+                break
+            time.sleep(0.02)
+        end = time.time_ns()
         killed = [
             p.name for p in self.procs
             if not p.ended_by_harness and p.died_ns is not None and t0 <= p.died_ns <= end
@@ -537,6 +549,7 @@ class Run:
         ooms = oom_kills(self.group.path) - oom0
         ladder = [e for e in window if e["action"] in LADDER and e["status"] == "done"]
         notified = [e for e in window if e["action"] == "notify" and e["status"] == "done"]
+        bystanders = sorted({names.get(e["pid"], str(e["pid"])) for e in notified} - {culprit_name})
         if crossed is None:
             outcome = "no crossing"
         elif ooms:
@@ -569,11 +582,18 @@ class Run:
             peak_over_soft_mib=(self.monitor.peak_after(t0, end) - soft) / MiB,
             oom_kills=ooms,
             killed=killed,
+            bystanders_asked=bystanders,
             actions=[
                 f"{(e['time_unix_ns'] - reference) / 1e6:+.0f} {e['action']} "
-                f"{names.get(e['pid'], e['pid'])} ({e['reason']}) {e['status']}"
+                f"{names.get(e['pid'], e['pid'])} ({e['reason']}) {e['status']}: "
+                f"{e['detail'][:160]}"
                 for e in events
             ],
+            culprit_log=[
+                f"{(t - reference) / 1e6:+.0f} {e} {detail}".rstrip()
+                for e, t, detail in culprit.events() if t >= t0
+            ] + ([f"{(culprit.died_ns - reference) / 1e6:+.0f} died {culprit.status}"]
+                 if culprit.died_ns is not None else []),
         )  # fmt: skip
         if kind != "client":
             culprit.stop()  # its job is over; ended by the harness, not counted
@@ -677,6 +697,7 @@ def summarize(incidents: Sequence[Incident]) -> dict[str, Any]:
         "by_itself": sum(i.outcome == "by itself" for i in counted),
         "oom_kills": sum(i.oom_kills for i in incidents),
         "killed": sum(len(i.killed) for i in incidents),
+        "bystanders": sum(len(i.bystanders_asked) for i in incidents),
         "resolve_p50_ms": statistics.median(resolve) if resolve else None,
         "resolve_p95_ms": percentile(resolve, 95),
         "notify_p50_ms": statistics.median(notify) if notify else None,
@@ -697,15 +718,17 @@ def report(results: Sequence[RunResult], meta: dict[str, Any]) -> str:
         "",
         "Incidents: the safety group's working set crossing soft (B + 256 MiB). *shrink*: "
         "edged sent `budget.shrink` and nobody was throttled, frozen, signalled or killed "
-        "before memory was back under soft; *ladder*: a throttle, freeze, SIGTERM or SIGKILL, "
-        "or a workload died; *OOM*: kernel OOM kills in the safety group; *killed*: workloads "
-        "that died without the harness ending them. Times in ms from the crossing: back under "
+        "before memory was back under soft (and 1.2 s after); *ladder*: a throttle, freeze, "
+        "SIGTERM or SIGKILL, or a workload died; *OOM*: kernel OOM kills in the safety group; "
+        "*killed*: workloads that died without the harness ending them; *bystanders asked*: "
+        "`budget.shrink` notices to clients other than the culprit (they paid for it). Times in "
+        "ms from the crossing: back under "
         "soft (median / p95, nearest rank), edged's first `notify`; *comply*: a client's "
         "`budget.shrink` received to freed and reported (median).",
         "",
         "| strategy | culprit | incidents | by shrink | by ladder | unresolved | OOM kills "
-        "| killed | back under soft p50 / p95 | notify | comply |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| killed | bystanders asked | back under soft p50 / p95 | notify | comply |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     strategies = list(dict.fromkeys(r.strategy for r in results))
     kinds = ("client", "deaf", "hog")
@@ -727,7 +750,7 @@ def report(results: Sequence[RunResult], meta: dict[str, Any]) -> str:
             extra = f" (+{m['no_crossing']} no crossing)" if m["no_crossing"] else ""
             cells = [
                 f"edged-{s}", label, f"{n}{extra}", f"{m['shrink']}{share}", str(m["ladder"]),
-                str(m["unresolved"]), str(m["oom_kills"]), str(m["killed"]),
+                str(m["unresolved"]), str(m["oom_kills"]), str(m["killed"]), str(m["bystanders"]),
                 f"{fmt(m['resolve_p50_ms'])} / {fmt(m['resolve_p95_ms'])}",
                 fmt(m["notify_p50_ms"], "+.0f"), fmt(m["comply_p50_ms"], ".1f"),
             ]  # fmt: skip
@@ -769,7 +792,8 @@ def progress_line(i: Incident, args: argparse.Namespace) -> str:
         f"[{dt.datetime.now():%H:%M:%S}] {i.repetition + 1}/{args.runs} edged-{i.strategy:11} "
         f"#{i.index} {i.culprit:11} {i.outcome:11} back={fmt(i.resolve_ms):>6} ms "
         f"notify={fmt(i.notify_ms, '+.0f'):>6} ms peak={i.peak_over_soft_mib:+.0f} MiB "
-        f"killed={','.join(i.killed) or '-'} oom={i.oom_kills} | {'; '.join(i.actions)[:300]}"
+        f"killed={','.join(i.killed) or '-'} oom={i.oom_kills} | "
+        f"{'; '.join(a.split(':')[0] for a in i.actions)[:300]}"
     )
 
 
