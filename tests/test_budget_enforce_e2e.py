@@ -190,6 +190,14 @@ def test_a_memory_lease_is_enforced_in_a_scope_that_only_the_memory_tree_has(
             client.call("budget.release", {"lease": got["lease"]})
             assert memory_cgroup(spinner.pid) == f"/{scope.name}"  # back in the scope
             assert not (CGROUP / "memory" / group).exists()
+            # a CPU quota has no tree to go in: said so, not half enforced
+            with_cpu = client.call(
+                "budget.request",
+                {"resources": {"memory": 64 * MiB, "cpu": 0.5}, "pid": spinner.pid},
+            )
+            assert with_cpu["enforced"]["how"] == "cooperative"
+            assert "cpu" in with_cpu["enforced"]["reason"]
+            assert memory_cgroup(spinner.pid) == f"/{scope.name}"
     finally:
         if running is not None:
             assert running.stop() == 0
