@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -152,3 +153,57 @@ def test_a_lease_left_by_a_killed_daemon_is_lifted_at_the_next_start(
         assert "lifted 1 changes a previous run left in force" in second.log()
     finally:
         assert second.stop() == 0
+
+
+def test_a_memory_lease_is_enforced_in_a_scope_that_only_the_memory_tree_has(
+    tmp_path: Path, spinner: subprocess.Popen[str]
+) -> None:
+    """``[scope]`` on a group that exists in the memory hierarchy only (as a container or a
+    benchmark's fence often does): a memory-only lease must still be a real group inside the
+    scope with the granted limit, not fall back to cooperative because there is no cpu tree to
+    lift a quota in."""
+    scope = CGROUP / "memory" / f"edged-test-{uuid.uuid4().hex[:8]}"
+    scope.mkdir()
+    running = None
+    try:
+        (scope / "cgroup.procs").write_text(str(spinner.pid))
+        cfg = tmp_path / "edged.toml"
+        cfg.write_text(f'[scope]\ncgroup = "/{scope.name}"\n')
+        running = start_daemon(
+            tmp_path, "--config", str(cfg), "--interval", "0.2",
+            env={"STATE_DIRECTORY": str(tmp_path / "state")},
+        )  # fmt: skip
+        with ClientProcess(running.socket_path) as client:
+            got = client.call(
+                "budget.request", {"resources": {"memory": 64 * MiB}, "pid": spinner.pid}
+            )
+            group = f"{scope.name}/edged/budget-{got['lease']}"
+            assert got["enforced"] == {
+                "how": "cgroup",
+                "group": group,
+                "memory_max_bytes": 64 * MiB,
+            }, running.log()
+            assert memory_cgroup(spinner.pid) == f"/{group}"
+            assert int((CGROUP / "memory" / group / "memory.limit_in_bytes").read_text()) == (
+                64 * MiB
+            )
+            client.call("budget.release", {"lease": got["lease"]})
+            assert memory_cgroup(spinner.pid) == f"/{scope.name}"  # back in the scope
+            assert not (CGROUP / "memory" / group).exists()
+            # a CPU quota has no tree to go in: said so, not half enforced
+            with_cpu = client.call(
+                "budget.request",
+                {"resources": {"memory": 64 * MiB, "cpu": 0.5}, "pid": spinner.pid},
+            )
+            assert with_cpu["enforced"]["how"] == "cooperative"
+            assert "cpu" in with_cpu["enforced"]["reason"]
+            assert memory_cgroup(spinner.pid) == f"/{scope.name}"
+    finally:
+        if running is not None:
+            assert running.stop() == 0
+        spinner.kill()
+        spinner.wait()
+        for child in sorted(scope.rglob("*"), key=lambda p: -len(p.parts)):
+            if child.is_dir():
+                child.rmdir()
+        scope.rmdir()

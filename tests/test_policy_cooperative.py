@@ -217,3 +217,34 @@ def test_notify_is_delivered_by_the_hook_and_becomes_an_event(tmp_path: Path) ->
     dry = _controller(tmp_path, dry_run=True)
     dry.notify = lambda action: pytest.fail("dry run sends nothing")
     assert _tick(dry).status == "dry_run"
+
+
+def test_no_client_is_asked_while_a_terminated_victim_is_on_its_way_out() -> None:
+    """While a process edged terminated exits, the kernel has taken its mm (its RSS reads 0)
+    but not yet freed its pages, so the machine's usage still counts them and the fair shares
+    charge them to nobody. Asking the other clients to shrink then takes memory that is coming
+    back anyway (bench/cooperative: two compliant clients were asked 250 ms after a deaf client
+    was sent SIGTERM). Nor does that victim count as having complied with its notice."""
+    strategy = CooperativeStrategy({})
+    calm, deaf = client(10, 0.3 * GIB), client(11, 3.0 * GIB)
+    usage = {Resource.MEMORY: HARD_BYTES + MIB}
+    first = strategy.decide(make_state(0.0, usage, [calm, deaf], LIMITS))
+    assert [(a.kind, a.pid) for a in first] == [(K.NOTIFY, 11), (K.TERMINATE, 11)]
+    exiting = client(11, 0.0)  # what /proc says while exit_mmap frees 3 GiB
+    second = strategy.decide(make_state(0.1, usage, [calm, exiting], LIMITS))
+    assert [a for a in second if a.kind is K.NOTIFY] == []
+    assert strategy.complied == 0
+    gone = strategy.decide(make_state(0.2, {Resource.MEMORY: 0.6 * GIB}, [calm], LIMITS))
+    assert gone == []  # memory came back: nobody is asked or touched
+
+
+def test_a_client_terminated_at_hard_is_killed_after_the_grace_below_hard() -> None:
+    """A client sent SIGTERM at the hard level that ignores it is SIGKILLed after the grace,
+    also once memory is back between soft and hard (where clients are otherwise spared)."""
+    strategy = CooperativeStrategy({})
+    big = client(11, 3.0 * GIB)
+    first = strategy.decide(make_state(0.0, {Resource.MEMORY: HARD_BYTES + MIB}, [big], LIMITS))
+    assert (K.TERMINATE, 11) in [(a.kind, a.pid) for a in first]
+    between = {Resource.MEMORY: (SOFT_BYTES + HARD_BYTES) / 2}
+    later = strategy.decide(make_state(COOPERATIVE_DEFAULTS["grace_s"], between, [big], LIMITS))
+    assert [(a.kind, a.pid) for a in later] == [(K.KILL, 11)]

@@ -343,6 +343,10 @@ class CgroupV1(_Base):
             self._max_bytes[group] = limit_bytes
 
     def set_cpu_quota(self, group: str, cores: float | None) -> None:
+        if cores is None and "cpu" not in self.controllers:
+            # a scope that only the memory tree has: no group of ours in the cpu tree, so no
+            # quota to lift (a memory-only lease used to fail here and go unenforced)
+            return
         d = self._dir("cpu", group)
         if cores is None:
             self._write(d / "cpu.cfs_quota_us", V1_UNLIMITED, group)

@@ -13,7 +13,10 @@ Under pressure (memory at or above soft for ``hold_s``; at once at hard)
     each client above its fair share by more than ``tolerance`` gets a NOTIFY (the server sends
     it as ``budget.shrink`` {lease, target, deadline, reason}) with its share as the target and
     ``deadline_s`` to comply. Clients are asked most-over-share first, all that are over in one
-    tick (each is asked once per notice).
+    tick (each is asked once per notice). Nobody is asked while a process edged terminated
+    for memory is still listed: its memory is about to come back, and while the kernel frees
+    it the process's RSS already reads 0, so the shares would charge it to nobody and ask
+    the others for it.
 Compliance
     a client whose memory comes down to its target (within ``tolerance``) by the deadline is
     left alone: its notice is settled and counted in :attr:`complied`. One still above at the
@@ -128,8 +131,14 @@ class CooperativeStrategy(DynamicStrategy):
         limit = state.limits.get(Resource.MEMORY)
         clients = [p for p in state.processes if p.client and eligible(p)]
         present = {key_of(p): p for p in state.processes}
+        # a victim edged sent SIGTERM/SIGKILL for memory (dynamic's bookkeeping) that is still
+        # listed: its memory is about to come back
+        leaving = {
+            k for k, t in self._terminations.items()
+            if k in present and t.resource is Resource.MEMORY
+        }  # fmt: skip
         actions: list[Action] = []
-        self._settle(state, present, actions)
+        self._settle(state, present, actions, leaving)
         escalated_now = {(a.pid, a.start_ticks) for a in actions}  # throttled here, this tick
         level = None if limit is None else (limit.soft if limit.soft is not None else limit.hard)
         at_hard = (
@@ -142,7 +151,7 @@ class CooperativeStrategy(DynamicStrategy):
                 if self._pressure_since_s is None:
                     self._pressure_since_s = state.now_s
                 held_s = state.now_s - self._pressure_since_s
-                if at_hard or held_s >= self.settings["hold_s"] - 1e-9:
+                if (at_hard or held_s >= self.settings["hold_s"] - 1e-9) and not leaving:
                     actions.extend(self._ask(state, clients))
             else:
                 self._pressure_since_s = None
@@ -155,7 +164,8 @@ class CooperativeStrategy(DynamicStrategy):
             # share: nothing to ask; asked and within the deadline: shrinking as asked); one
             # escalated on this tick has its throttle already
             ignored = {k for k, n in self._notices.items() if n.escalated} - escalated_now
-            spared = {key_of(p) for p in clients} - ignored
+            # one edged is ending stays in view, so that its SIGKILL follows after the grace
+            spared = {key_of(p) for p in clients} - ignored - leaving
             ladder_state = dataclasses.replace(
                 state, processes=tuple(p for p in state.processes if key_of(p) not in spared)
             )
@@ -205,15 +215,22 @@ class CooperativeStrategy(DynamicStrategy):
         return actions
 
     def _settle(
-        self, state: State, present: Mapping[ProcessKey, ProcessView], actions: list[Action]
+        self,
+        state: State,
+        present: Mapping[ProcessKey, ProcessView],
+        actions: list[Action],
+        leaving: set[ProcessKey],
     ) -> None:
-        """Close notices whose client complied or left; escalate those past their deadline."""
+        """Close notices whose client complied or left; escalate those past their deadline.
+        A client edged is ending is neither (its RSS reads 0 while it exits)."""
         tolerance = self.settings["tolerance"]
         for key, notice in list(self._notices.items()):
             process = present.get(key)
             if process is None:
                 del self._notices[key]
                 continue
+            if key in leaving:
+                continue  # settled when it is gone, not counted as complied
             if process.memory_bytes <= notice.target_bytes * (1 + tolerance):
                 if not notice.escalated:
                     self.complied += 1
