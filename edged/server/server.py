@@ -23,7 +23,7 @@ import socket
 import stat
 import struct
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,13 @@ from edged.server import protocol
 from edged.server.protocol import RpcError
 
 log = logging.getLogger(__name__)
+
+# Notifications waiting for one client beyond what the kernel's socket buffer holds (about
+# 200 KiB for a Unix stream socket): room for a burst of events or several snapshots; more
+# than this and the client is not reading, so it is disconnected (see Server.send).
+MAX_PENDING_BYTES = 1 << 20
+# a client closed for not reading gets this long to read its backlog before it is cut off
+SLOW_CLOSE_GRACE_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -117,6 +124,8 @@ class Server:
         idle_timeout_s: float = 300.0,
         holds: Callable[[int], bool] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        max_pending_bytes: int = MAX_PENDING_BYTES,
+        slow_close_grace_s: float = SLOW_CLOSE_GRACE_S,
     ) -> None:
         self.methods = dict(methods)
         self.max_clients = max_clients
@@ -129,8 +138,15 @@ class Server:
         self.idle_timeout_s = idle_timeout_s
         self.holds = holds
         self.clock = clock
+        # notifications a client has not read yet, beyond the kernel's socket buffer: the
+        # most one connection may have waiting (see send)
+        self.max_pending_bytes = max_pending_bytes
+        self.slow_close_grace_s = slow_close_grace_s
+        self.skipped = 0  # droppable notifications skipped for clients that were behind
+        self.closed_slow = 0  # connections closed for not reading their notifications
         self.clients: set[asyncio.StreamWriter] = set()
         self._writers: dict[int, asyncio.StreamWriter] = {}
+        self._peers: dict[int, Peer] = {}
         self._numbers = itertools.count(1)
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -161,17 +177,75 @@ class Server:
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
 
     def notify(self, connection: int, method: str, params: Any) -> bool:
-        """Push a notification on a connection; False if it is gone. Not awaited: messages
-        are small and a client that does not read will be closed by the kernel's buffer
-        limits long before it matters."""
+        """Push a notification on a connection; False if it is gone (or was just closed for
+        not reading, see :meth:`send`)."""
+        return self.send(connection, protocol.encode_notification(method, params))
+
+    def send(self, connection: int, data: bytes, *, droppable: bool = False) -> bool:
+        """Write encoded notification bytes on a connection without waiting; False when
+        they were not written.
+
+        Never awaited, so a tick is never held up by a client. What the kernel's socket
+        buffer cannot take waits in the connection's buffer here, and that is bounded:
+
+        * ``droppable`` data (a ``snapshot`` notification: only the latest matters) is
+          skipped while anything is still waiting in that buffer, i.e. while the client has
+          not taken the previous ones; counted in ``skipped``.
+        * anything else (``pressure``, ``event``, budget notifications: a client must not
+          miss a transition) that would take the buffer over ``max_pending_bytes`` closes
+          the connection instead (:meth:`close_slow`), with an error saying why.
+        """
         writer = self._writers.get(connection)
         if writer is None or writer.is_closing():
             return False
+        pending = writer.transport.get_write_buffer_size()
+        if droppable and pending > 0:
+            self.skipped += 1
+            return False
+        if not droppable and pending + len(data) > self.max_pending_bytes:
+            self.close_slow(connection, pending)
+            return False
         try:
-            writer.write(protocol.encode_notification(method, params))
+            writer.write(data)
         except (OSError, RuntimeError):
             return False
         return True
+
+    def broadcast(self, connections: Iterable[int], data: bytes, *, droppable: bool = False) -> int:
+        """The same encoded bytes to every connection in ``connections`` (encoded once by
+        the caller, however many subscribers); returns how many took them."""
+        return sum(self.send(c, data, droppable=droppable) for c in list(connections))
+
+    def pending_bytes(self) -> int:
+        """Bytes waiting in the connections' buffers for clients to read them."""
+        return sum(w.transport.get_write_buffer_size() for w in self._writers.values())
+
+    def close_slow(self, connection: int, pending: int) -> None:
+        """Close a connection whose client does not read what it is sent: an error (1005)
+        saying why goes last; a client that is only slow reads everything up to it and then
+        EOF. One that reads nothing is cut off (the buffer dropped) after
+        ``slow_close_grace_s``, so its backlog cannot be held for ever."""
+        writer = self._writers.get(connection)
+        if writer is None or writer.is_closing():
+            return
+        self.closed_slow += 1
+        peer = self._peers.get(connection)
+        message = (
+            f"notifications not read: {pending} bytes waiting, at most "
+            f"{self.max_pending_bytes} allowed; closing"
+        )
+        log.warning(
+            "closing connection %d (pid %s): %s",
+            connection,
+            peer.pid if peer is not None else "?",
+            message,
+        )
+        with contextlib.suppress(OSError, RuntimeError):
+            writer.write(protocol.encode_error(None, protocol.TOO_MANY, message))
+        writer.close()  # flushes what is buffered first, then closes
+        transport = writer.transport
+        with contextlib.suppress(RuntimeError):  # no running loop: nothing left to cut off
+            asyncio.get_running_loop().call_later(self.slow_close_grace_s, transport.abort)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -189,6 +263,7 @@ class Server:
             self._tasks.discard(task)
             self.clients.discard(writer)
             self._writers.pop(number, None)
+            self._peers.pop(number, None)
             writer.close()
             for waiting in pending:
                 waiting.cancel()
@@ -218,6 +293,7 @@ class Server:
             return
         self.clients.add(writer)
         self._writers[number] = writer
+        self._peers[number] = peer
         burst = 2.0 * self.max_requests_per_s
         tokens, refilled_s = burst, self.clock()
         while not self.closing:
