@@ -129,7 +129,8 @@ class Controller:
             self._alert_event(transition, snapshot.time_unix_ns)
         events: list[Event] = []
         if self._lift_for is not None:
-            events = [self._apply(a, state) for a in self._lifts(state, self._lift_for)]
+            lifts = self._lifts(state, self._lift_for, start_ticks)
+            events = [self._apply(a, state) for a in lifts]
             self._lift_for = None
             state = replace(state, imposed=tuple(self.imposed.values()))
             self.last_state = state
@@ -176,7 +177,7 @@ class Controller:
         self.on_event(event)
         return event
 
-    def _lifts(self, state: State, strategy: str) -> list[Action]:
+    def _lifts(self, state: State, strategy: str, start_ticks: Mapping[int, int]) -> list[Action]:
         """UNTHROTTLE/THAW for everything imposed, freezes first (a frozen process cannot
         use the memory or CPU a lifted throttle gives back anyway)."""
         views = {p.pid: p for p in state.processes}
@@ -193,7 +194,7 @@ class Controller:
                     reason=SWITCH_REASON,
                     strategy=strategy,
                     klass=view.klass if view is not None else ProcessClass.NORMAL,
-                    start_ticks=view.start_ticks if view is not None else 0,
+                    start_ticks=start_ticks.get(pid, 0),
                     gpu=gpu,
                     detail=f"imposed since {imposed.since_s:.1f}s; the new strategy does not "
                     "take it over",
