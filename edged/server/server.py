@@ -8,7 +8,8 @@ dies with its connection. A handler that cannot answer yet returns :class:`Defer
 is written when its future is done, and the connection's next lines are read meanwhile.
 A line that is not JSON gets a -32700 reply with ``"id": null`` and the connection stays open;
 an oversized line gets an error reply and the connection is closed; neither affects other
-clients.
+clients. Notifications are written without waiting, and what waits for a client that does not
+read is bounded (:meth:`Server.send`): the daemon's tick never waits on a subscriber.
 """
 
 from __future__ import annotations
