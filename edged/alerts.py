@@ -162,6 +162,11 @@ class AlertTracker:
         """Whether any alert is firing (health is at least ``warning`` then)."""
         return any(a.state is AlertState.FIRING for a in self._active.values())
 
+    def firing_resources(self) -> frozenset[Resource]:
+        """The resources with a firing alert (their ``pressure`` level is at least
+        ``warning``)."""
+        return frozenset(a.resource for a in self._active.values() if a.state is AlertState.FIRING)
+
     def series(self) -> Iterator[tuple[Resource, Severity, AlertState, int]]:
         """(resource, severity, state, count 0 or 1) for every rule that has had a level and
         both active states: what ``edged.alerts`` exports. Zeros are exported too, so each

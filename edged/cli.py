@@ -22,6 +22,7 @@ from edged import config as config_mod
 from edged.metrics import METRICS
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_DENIED, EXIT_BAD_CONFIG = 0, 1, 2, 3, 4, 6
+STRATEGIES = ["dynamic", "predictive", "adaptive", "cooperative"]  # DESIGN section 4
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the daemon in the foreground")
     run.add_argument("--config", help="config file (default /etc/edged/edged.toml if present)")
     run.add_argument("--socket", help="Unix socket path to serve")
-    run.add_argument("--strategy", choices=["dynamic", "predictive", "adaptive", "cooperative"])
+    run.add_argument("--strategy", choices=STRATEGIES)
     run.add_argument("--interval", help="sampling interval (seconds, or '100ms')")
     run.add_argument("--otlp", help="OTLP endpoint to push metrics to, e.g. http://127.0.0.1:4318")
     run.add_argument("--prometheus", metavar="ADDR|off", help="Prometheus listen address or off")
@@ -65,6 +66,17 @@ def _parser() -> argparse.ArgumentParser:
     events.add_argument("--since", type=int, default=0, help="only events after this sequence")
     events.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
     events.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    strategy = sub.add_parser("strategy", help="switch the running strategy (root or edged-admin)")
+    strategy_sub = strategy.add_subparsers(dest="strategy_command", required=True, metavar="ACTION")
+    strategy_set = strategy_sub.add_parser(
+        "set", help="decide with NAME from the next tick on (until a restart or SIGHUP reload)"
+    )
+    strategy_set.add_argument(
+        "name", choices=STRATEGIES, metavar="NAME", help=", ".join(STRATEGIES)
+    )
+    strategy_set.add_argument("--socket", help="daemon socket (default per DESIGN)")
+    strategy_set.add_argument("--json", action="store_true", help="machine-readable output")
 
     history = sub.add_parser("history", help="the daemon's history ring (samples per tick)")
     history.add_argument("--socket", help="daemon socket (default per DESIGN)")
@@ -326,8 +338,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _event_line(e: dict[str, Any]) -> str:
-    """One event as ``edged events`` prints it; alert transitions have no pid or class."""
+    """One event as ``edged events`` prints it; alert transitions and strategy switches
+    have no pid or class."""
     stamp = time.strftime("%H:%M:%S", time.localtime(e["time_unix_ns"] / 1e9))
+    if e["action"] == "strategy":
+        return f"{stamp} #{e['seq']} {e['status']:<8} {'strategy':<10} {e['detail']}"
     if e["action"] == "alert":
         return (
             f"{stamp} #{e['seq']} {e['status']:<8} {'alert':<10} "
@@ -343,19 +358,86 @@ def _event_line(e: dict[str, Any]) -> str:
 
 
 def cmd_events(args: argparse.Namespace) -> int:
-    since = args.since
-    while True:
-        try:
-            result = call("events", {"since": since}, socket_path=args.socket)
-        except DaemonUnavailable as exc:
-            print(f"edged: {exc}", file=sys.stderr)
-            return exc.code
-        for e in result["events"]:
-            print(json.dumps(e) if args.json else _event_line(e), flush=True)
-            since = max(since, e["seq"])
-        if not args.follow:
-            return EXIT_OK
-        time.sleep(0.5)
+    if args.follow:
+        return _follow_events(args)
+    try:
+        result = call("events", {"since": args.since}, socket_path=args.socket)
+    except DaemonUnavailable as exc:
+        print(f"edged: {exc}", file=sys.stderr)
+        return exc.code
+    for e in result["events"]:
+        print(json.dumps(e) if args.json else _event_line(e), flush=True)
+    return EXIT_OK
+
+
+def _follow_events(args: argparse.Namespace) -> int:
+    """``events --follow``: ``subscribe ["events"]`` first, then ask for the backlog on the
+    same connection, so nothing falls between the two; an event both in the backlog and
+    pushed is printed once (by its sequence number). Runs until interrupted; the daemon
+    stopping ends it with exit 3, a daemon error with exit 1."""
+    from edged.client import socket_path as resolve_socket_path
+
+    path = resolve_socket_path(args.socket)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+    except (FileNotFoundError, ConnectionRefusedError):
+        print(f"edged: edged is not running (no daemon on {path})", file=sys.stderr)
+        return EXIT_NOT_RUNNING
+    except PermissionError:
+        print(f"edged: permission denied on {path}", file=sys.stderr)
+        return EXIT_DENIED
+    printed = args.since
+    early: list[dict[str, Any]] = []  # pushed before the backlog came
+    backlog_seen = False
+
+    def show(event: dict[str, Any]) -> None:
+        nonlocal printed
+        if event["seq"] > printed:
+            print(json.dumps(event) if args.json else _event_line(event), flush=True)
+            printed = event["seq"]
+
+    with sock, sock.makefile("rb") as reader:
+        for rid, method, params in (
+            (1, "subscribe", {"topics": ["events"]}),
+            (2, "events", {"since": args.since}),
+        ):
+            request = {"jsonrpc": "2.0", "id": rid, "method": method, "params": params}
+            sock.sendall(json.dumps(request).encode() + b"\n")
+        for line in reader:
+            message = json.loads(line)
+            if "error" in message:
+                error = message["error"]
+                print(f"edged: {error.get('message', 'error')}", file=sys.stderr)
+                return EXIT_DENIED if error.get("code") == 1003 else EXIT_ERROR
+            if message.get("method") == "event":
+                if backlog_seen:
+                    show(message["params"])
+                else:
+                    early.append(message["params"])
+            elif message.get("method") == "shutdown":
+                break
+            elif message.get("id") == 2:
+                backlog_seen = True
+                for event in [*message["result"]["events"], *early]:
+                    show(event)
+                early.clear()
+    print("edged: the daemon stopped", file=sys.stderr)
+    return EXIT_NOT_RUNNING
+
+
+def cmd_strategy(args: argparse.Namespace) -> int:
+    """``strategy set NAME``: exit 4 when the caller is neither root nor in edged-admin."""
+    try:
+        result = call("strategy.set", {"name": args.name}, socket_path=args.socket)
+    except DaemonUnavailable as exc:
+        print(f"edged: {exc}", file=sys.stderr)
+        return exc.code
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"strategy {result['previous']} -> {result['strategy']}")
+    return EXIT_OK
 
 
 # ---- commands built on edged.client -------------------------------------------------------
@@ -734,6 +816,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "history": cmd_history,
         "top": cmd_top,
         "budget": cmd_budget,
+        "strategy": cmd_strategy,
     }
     try:
         return handlers[args.command](args)

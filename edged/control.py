@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import msgspec
@@ -20,7 +20,16 @@ import msgspec
 from edged.alerts import Alert, AlertState, AlertTracker, describe
 from edged.config import Limits
 from edged.enforce.enforcer import Enforcer, Outcome, Status
-from edged.policy.base import Action, ActionKind, Imposed, Limit, Resource, State, Strategy
+from edged.policy.base import (
+    Action,
+    ActionKind,
+    Imposed,
+    Limit,
+    ProcessClass,
+    Resource,
+    State,
+    Strategy,
+)
 from edged.policy.inputs import build_state
 from edged.snapshot import Reading, Snapshot
 
@@ -32,6 +41,9 @@ _ENDING = (ActionKind.TERMINATE, ActionKind.KILL)
 
 
 ALERT_ACTION = "alert"
+STRATEGY_ACTION = "strategy"
+# the reason of the unthrottle/thaw events that undo an old strategy's work after a switch
+SWITCH_REASON = "strategy-switch"
 
 
 class Event(msgspec.Struct, frozen=True):
@@ -41,6 +53,11 @@ class Event(msgspec.Struct, frozen=True):
     ``reason`` = the severity (warning, critical), ``status`` = the state it entered (pending,
     firing, resolved), ``detail`` = the usage against the level; ``strategy`` and ``klass``
     are empty.
+
+    A strategy switch (``strategy.set``, or a reload that changed ``[strategy]``) has
+    ``action="strategy"``, ``pid=0``, ``resource=""``, ``reason`` = what switched it (``set``,
+    ``reload``), ``strategy`` = the new strategy, ``status="done"``, ``detail`` = ``old -> new``
+    and who asked.
     """
 
     seq: int
@@ -82,6 +99,9 @@ class Controller:
         self.action_counts: dict[tuple[str, str, str, str], int] = {}
         # (monotonic s, unix ns) of the last snapshot: turns alert times into wall-clock times
         self._clock: tuple[float, int] | None = None
+        # after a switch to a strategy that does not adopt what is imposed: the old
+        # strategy's name, whose throttles and freezes the next tick lifts
+        self._lift_for: str | None = None
 
     def step(
         self, snapshot: Snapshot, interval_s: float, start_ticks: Mapping[int, int]
@@ -107,8 +127,80 @@ class Controller:
         self._clock = (snapshot.monotonic_s, snapshot.time_unix_ns)
         for transition in self.alerts.update(state.now_s, state.usage, state.limits):
             self._alert_event(transition, snapshot.time_unix_ns)
+        events: list[Event] = []
+        if self._lift_for is not None:
+            lifts = self._lifts(state, self._lift_for, start_ticks)
+            events = [self._apply(a, state) for a in lifts]
+            self._lift_for = None
+            state = replace(state, imposed=tuple(self.imposed.values()))
+            self.last_state = state
         actions = self.strategy.decide(state)
-        return [self._apply(action, state) for action in actions]
+        return events + [self._apply(action, state) for action in actions]
+
+    def switch(self, strategy: Strategy, reason: str, who: str = "") -> Event:
+        """Decide with ``strategy`` from the next tick on; returns the switch event.
+
+        What the old strategy imposed is not left without an owner: a strategy that lifts
+        the throttles and freezes it finds in ``State.imposed`` (``adopts_imposed``: dynamic,
+        predictive, cooperative) takes them over and lifts them with its own hysteresis; for
+        one that does not (adaptive only undoes what it sent itself), the next tick lifts
+        them all (unthrottle/thaw events, reason ``strategy-switch``) before it decides, as a
+        restart would. Pending terminations of the old strategy are not carried over: the new
+        one decides from the reading."""
+        old = self.strategy.name
+        self.strategy = strategy
+        held = len(self.imposed)
+        if getattr(strategy, "adopts_imposed", False):
+            self._lift_for = None
+            fate = f"{held} throttles/freezes handed over" if held else ""
+        else:
+            self._lift_for = old if self._lift_for is None else self._lift_for
+            fate = f"{held} throttles/freezes lifted at the next tick" if held else ""
+        detail = f"{old} -> {strategy.name}" + (f" ({who})" if who else "")
+        if fate:
+            detail += f"; {fate}"
+        self._seq += 1
+        event = Event(
+            seq=self._seq,
+            time_unix_ns=time.time_ns(),
+            action=STRATEGY_ACTION,
+            pid=0,
+            resource="",
+            reason=reason,
+            strategy=strategy.name,
+            klass="",
+            status=Status.DONE.value,
+            detail=detail,
+        )
+        self.events.append(event)
+        log.warning("strategy switched: %s", detail)
+        self.on_event(event)
+        return event
+
+    def _lifts(self, state: State, strategy: str, start_ticks: Mapping[int, int]) -> list[Action]:
+        """UNTHROTTLE/THAW for everything imposed, freezes first (a frozen process cannot
+        use the memory or CPU a lifted throttle gives back anyway)."""
+        views = {p.pid: p for p in state.processes}
+        out: list[Action] = []
+        for (pid, kind, resource, gpu), imposed in sorted(
+            self.imposed.items(), key=lambda kv: kv[0][1] is not ActionKind.FREEZE
+        ):
+            view = views.get(pid)
+            out.append(
+                Action(
+                    kind=ActionKind.THAW if kind is ActionKind.FREEZE else ActionKind.UNTHROTTLE,
+                    pid=pid,
+                    resource=resource,
+                    reason=SWITCH_REASON,
+                    strategy=strategy,
+                    klass=view.klass if view is not None else ProcessClass.NORMAL,
+                    start_ticks=start_ticks.get(pid, 0),
+                    gpu=gpu,
+                    detail=f"imposed since {imposed.since_s:.1f}s; the new strategy does not "
+                    "take it over",
+                )
+            )
+        return out
 
     def _apply(self, action: Action, state: State) -> Event:
         if action.kind is ActionKind.NOTIFY:
@@ -268,28 +360,44 @@ def still_needed(
 HEALTH_LEVELS = ("ok", "moderate", "warning", "critical")
 
 
+def resource_levels(
+    state: State | None,
+    forecasts: Mapping[Resource, float] | None = None,
+    firing: Collection[Resource] = (),
+) -> dict[Resource, str]:
+    """The health level of each resource that has a limit, an alert firing or a forecast:
+    critical at or above hard; warning when an alert on it fires (a sustained breach) or its
+    forecast reaches a hard limit within a minute; moderate at or above soft; else ok. A
+    resource without a reading this tick is judged on its alert and forecast only. The
+    ``pressure`` notifications carry these; ``health`` is the worst of them."""
+    if state is None:
+        return {}
+    levels: dict[Resource, int] = {}
+    for resource, limit in state.limits.items():
+        used = state.usage.get(resource)
+        level = 0
+        if used is not None:
+            if limit.hard is not None and used >= limit.hard:
+                level = 3
+            elif limit.soft is not None and used >= limit.soft:
+                level = 1
+        levels[resource] = level
+    for resource in firing:
+        levels[resource] = max(levels.get(resource, 0), 2)
+    for resource, seconds in (forecasts or {}).items():
+        if seconds < 60.0:
+            levels[resource] = max(levels.get(resource, 0), 2)
+    return {resource: HEALTH_LEVELS[level] for resource, level in levels.items()}
+
+
 def health(
     state: State | None,
     forecasts: Mapping[Resource, float] | None = None,
-    alert_firing: bool = False,
+    firing: Collection[Resource] = (),
 ) -> str:
-    """ok; moderate at or above soft on some resource; warning when a forecast reaches a hard
-    limit within a minute or an alert fires (a sustained breach); critical at or above hard."""
-    if state is None:
-        return "ok"
-    level = 2 if alert_firing else 0
-    for resource, limit in state.limits.items():
-        used = state.usage.get(resource)
-        if used is None:
-            continue
-        if limit.hard is not None and used >= limit.hard:
-            return "critical"
-        if limit.soft is not None and used >= limit.soft:
-            level = max(level, 1)
-    for seconds in (forecasts or {}).values():
-        if seconds < 60.0:
-            level = max(level, 2)
-    return HEALTH_LEVELS[level]
+    """The machine's level: the worst of :func:`resource_levels` (ok when there is none)."""
+    levels = resource_levels(state, forecasts, firing).values()
+    return max(levels, key=HEALTH_LEVELS.index, default="ok")
 
 
 _ATTRS: dict[tuple[str, ...], dict[str, str]] = {}
@@ -309,7 +417,7 @@ def policy_readings(controller: Controller, forecasts: Mapping[Resource, float])
     alerts."""
     state = controller.last_state
     out: list[Reading] = []
-    current = health(state, forecasts, controller.alerts.firing())
+    current = health(state, forecasts, controller.alerts.firing_resources())
     for level in HEALTH_LEVELS:
         value = 1.0 if level == current else 0.0
         out.append(Reading("edged.health", value, _attrs("edged.level", level)))

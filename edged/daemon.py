@@ -50,6 +50,8 @@ FAST_INTERVAL_S = 0.02
 MEMORY_FILL_RATE_BYTES_S = 6000 * (1 << 20)
 # While the tick is shortened, /proc is listed for new processes at least this often.
 PRESSURE_RESCAN_S = 0.1
+# what ``subscribe`` accepts (DESIGN section 6)
+TOPICS = ("pressure", "events", "snapshot")
 
 
 def roots_of(config: config_mod.Config) -> Roots:
@@ -84,13 +86,17 @@ class Daemon:
             unwatch=self._unwatch,
             lending=lending_of(config.budget),
         )
+        # connection -> the topics it subscribed to (subscribe); gone with the connection
+        self.subscriptions: dict[int, frozenset[str]] = {}
+        # the pressure level last sent per resource (while anyone subscribes to pressure)
+        self._levels: dict[Any, str] | None = None
         self.server = Server(
             self._methods(),
             max_clients=config.server.max_clients,
-            on_close=self.budgets.connection_closed,
+            on_close=self._connection_closed,
             max_requests_per_s=config.server.max_requests_per_s,
             idle_timeout_s=config.server.idle_timeout_s,
-            holds=self.budgets.holds,
+            holds=self._holds,
         )
         self.socket_path: Path | None = None
         self._socket_owned = False
@@ -255,6 +261,7 @@ class Daemon:
             alerts=alerts,
             scoped=bool(self.scope_path),
             notify=self.budgets.notify_action,  # NOTIFY -> budget.shrink to the lease holder
+            on_event=self._publish_event,
         )
         log.info(
             "strategy %s, enforcing with %s%s%s%s",
@@ -457,6 +464,7 @@ class Daemon:
         self._update_budgets(snapshot)
         self.latest = snapshot
         self.history.append(snapshot)
+        self._publish_tick(snapshot)
         self.ticks += 1
         duration_s = time.perf_counter() - started
         if self.telemetry is not None:
@@ -491,6 +499,74 @@ class Daemon:
     def _notify(self, connection: int, method: str, params: Any) -> bool:
         return self.server.notify(connection, method, params)
 
+    # ---- subscriptions ------------------------------------------------------------------
+
+    def _subscribers(self, topic: str) -> list[int]:
+        return [c for c, topics in self.subscriptions.items() if topic in topics]
+
+    def _holds(self, connection: int) -> bool:
+        """Whether a silent connection is kept open past the idle timeout: it holds a lease
+        or a queued request, or it subscribed (a follower has nothing to say)."""
+        return connection in self.subscriptions or self.budgets.holds(connection)
+
+    def _connection_closed(self, connection: int) -> None:
+        """The server's close hook: subscriptions and leases end with their connection."""
+        self.subscriptions.pop(connection, None)
+        if not self._subscribers("pressure"):
+            self._levels = None
+        self.budgets.connection_closed(connection)
+
+    def _publish_tick(self, snapshot: Snapshot) -> None:
+        """After each tick: the snapshot to its subscribers (encoded once, skipped for a
+        subscriber still behind on the previous one) and a ``pressure`` notification for
+        each resource whose level changed. Nothing at all without subscribers."""
+        if not self.subscriptions:
+            return
+        watchers = self._subscribers("snapshot")
+        if watchers:
+            data = protocol.encode_notification("snapshot", snapshot)
+            self.server.broadcast(watchers, data, droppable=True)
+        watchers = self._subscribers("pressure")
+        if not watchers:
+            return
+        current = self._pressure_levels()
+        previous = self._levels if self._levels is not None else {}
+        state = self.controller.last_state if self.controller is not None else None
+        usage = state.usage if state is not None else {}
+        for resource, level in current.items():
+            before = previous.get(resource)
+            if resource not in usage and before is not None:
+                current[resource] = before  # no reading this tick: no evidence of a change
+            elif level != before:
+                params = {"resource": resource.value, "level": level, "previous": before}
+                self.server.broadcast(watchers, protocol.encode_notification("pressure", params))
+        self._levels = current
+
+    def _pressure_levels(self) -> dict[Any, str]:
+        if self.controller is None:
+            return {}
+        from edged.control import resource_levels
+
+        return resource_levels(
+            self.controller.last_state,
+            self._forecasts(),
+            self.controller.alerts.firing_resources(),
+        )
+
+    def _publish_event(self, event: Any) -> None:
+        """The controller's event hook: each new action, alert or switch event to the
+        ``events`` subscribers, encoded once."""
+        watchers = self._subscribers("events")
+        if watchers:
+            self.server.broadcast(watchers, protocol.encode_notification("event", event))
+
+    def _send_levels(self, connection: int) -> None:
+        """Right after a ``pressure`` subscription: every resource's current level (with
+        ``previous`` null), so the client knows where it starts."""
+        for resource, level in (self._levels or {}).items():
+            params = {"resource": resource.value, "level": level, "previous": None}
+            self.server.notify(connection, "pressure", params)
+
     def _watch(self, pid: int, klass: str, client: str) -> None:
         """A lease holder is sampled from the next tick on, with ``edged.client`` = its name."""
         if self._processes is not None:
@@ -517,6 +593,10 @@ class Daemon:
             self.notifier.ready("reload refused: bad configuration")
             return
         old = self.config
+        switch_to = self._reloaded_strategy(new)
+        if switch_to is False:
+            self.notifier.ready("reload refused: bad configuration")
+            return
         self.config = new
         if new.sampling != old.sampling or new.rules != old.rules or new.root != old.root:
             old_sampler, old_roots = self._sampler, self.roots
@@ -542,8 +622,31 @@ class Daemon:
         for section in ("telemetry", "server", "scope"):
             if getattr(new, section) != getattr(old, section):
                 log.warning("[%s] changes take effect at the next restart", section)
+        if switch_to is not None and self.controller is not None:
+            self.controller.switch(switch_to, "reload", "SIGHUP: the configuration's strategy")
         log.info("configuration reloaded")
         self.notifier.ready("configuration reloaded")
+
+    def _reloaded_strategy(self, new: config_mod.Config) -> Any:
+        """The strategy a reload switches to: the file's ``[strategy]`` wins over a
+        ``strategy.set`` made since (a reload makes the daemon match its configuration, as a
+        restart would). None when the running strategy already is the file's, with the same
+        settings (it keeps its learned state); False when the file's settings are bad (the
+        reload is refused)."""
+        from edged.policy.registry import make_strategy
+
+        if self.controller is None:
+            return None
+        name = new.strategy.name
+        settings = getattr(new.strategy, name)
+        running = self.controller.strategy.name
+        if name == running and settings == getattr(self.config.strategy, name):
+            return None
+        try:
+            return make_strategy(name, settings)
+        except ValueError as exc:
+            log.error("reload refused, keeping the running configuration: %s", exc)
+            return False
 
     def _shutdown_parts(self) -> None:
         self.budgets.close()  # leases end before the restore lifts what is left
@@ -579,8 +682,88 @@ class Daemon:
             "snapshot": self._snapshot,
             "history": self._history,
             "events": self._events,
+            "subscribe": self._subscribe,
+            "strategy.set": self._strategy_set,
             **self.budgets.methods(),
         }
+
+    async def _subscribe(self, peer: Peer, params: Mapping[str, Any]) -> Any:
+        """``subscribe {topics}``: the connection's topics become exactly these (again with
+        other topics: replaced; ``[]``: none). Returns ``{"topics": [...]}``. A ``pressure``
+        subscriber is sent the current level of each resource right after the reply."""
+        unknown_params = sorted(set(params) - {"topics"})
+        if unknown_params:
+            raise protocol.RpcError(
+                protocol.INVALID_PARAMS, f"unknown parameter {unknown_params[0]!r}"
+            )
+        topics = params.get("topics")
+        if not isinstance(topics, list) or not all(isinstance(t, str) for t in topics):
+            raise protocol.RpcError(
+                protocol.INVALID_PARAMS,
+                f"topics must be a list of {', '.join(TOPICS)}",
+                {"topics": list(TOPICS)},
+            )
+        unknown = sorted(set(topics) - set(TOPICS))
+        if unknown:
+            raise protocol.RpcError(
+                protocol.INVALID_PARAMS,
+                f"unknown topic {unknown[0]!r} (known: {', '.join(TOPICS)})",
+                {"topics": list(TOPICS)},
+            )
+        chosen = frozenset(topics)
+        if chosen:
+            self.subscriptions[peer.connection] = chosen
+        else:
+            self.subscriptions.pop(peer.connection, None)
+        if not self._subscribers("pressure"):
+            self._levels = None
+        elif "pressure" in chosen:
+            if self._levels is None:  # the first pressure subscriber: start tracking now
+                self._levels = self._pressure_levels()
+            # after the reply: the server writes it as soon as this handler returns, before
+            # the loop runs anything scheduled now
+            asyncio.get_running_loop().call_soon(self._send_levels, peer.connection)
+        return {"topics": sorted(chosen)}
+
+    async def _strategy_set(self, peer: Peer, params: Mapping[str, Any]) -> Any:
+        """``strategy.set {name}``, root or group edged-admin only: the next tick decides
+        with ``name`` (settings from the running config's ``[strategy.NAME]``)."""
+        from edged.policy.registry import STRATEGY_NAMES
+
+        if not self.budgets.is_admin(peer):
+            raise protocol.RpcError(
+                protocol.PERMISSION_DENIED, "strategy.set needs root or group edged-admin"
+            )
+        unknown_params = sorted(set(params) - {"name"})
+        if unknown_params:
+            raise protocol.RpcError(
+                protocol.INVALID_PARAMS, f"unknown parameter {unknown_params[0]!r}"
+            )
+        name = params.get("name")
+        if not isinstance(name, str) or name not in STRATEGY_NAMES:
+            raise protocol.RpcError(
+                protocol.INVALID_PARAMS,
+                f"unknown strategy {name!r} (known: {', '.join(STRATEGY_NAMES)})",
+                {"known": list(STRATEGY_NAMES)},
+            )
+        if self.controller is None:
+            raise protocol.RpcError(protocol.INTERNAL_ERROR, "no strategy is running")
+        previous = self.controller.strategy.name
+        try:
+            self._switch_strategy(name, "set", f"strategy.set by uid {peer.uid}, pid {peer.pid}")
+        except ValueError as exc:  # bad [strategy.NAME] settings in the running config
+            raise protocol.RpcError(protocol.INVALID_PARAMS, str(exc)) from exc
+        return {"strategy": name, "previous": previous}
+
+    def _switch_strategy(self, name: str, reason: str, who: str) -> None:
+        """Replace the running strategy with a fresh ``name`` built from the running
+        config's settings (the path strategy.set and a reload share). Raises ValueError on
+        bad settings, before anything changes."""
+        from edged.policy.registry import make_strategy
+
+        assert self.controller is not None
+        strategy = make_strategy(name, getattr(self.config.strategy, name))
+        self.controller.switch(strategy, reason, who)
 
     async def _hello(self, peer: Peer, params: Mapping[str, Any]) -> Any:
         version = params.get("protocol", protocol.PROTOCOL_VERSION)
@@ -594,7 +777,7 @@ class Daemon:
         return {
             "server": f"edged {__version__}",
             "protocol": protocol.PROTOCOL_VERSION,
-            "strategy": self.config.strategy.name,
+            "strategy": self._strategy_name(),
             "capabilities": sorted(self.server.methods),
             "peer": {"pid": peer.pid, "uid": peer.uid},
         }
@@ -611,7 +794,7 @@ class Daemon:
         result: dict[str, Any] = {
             "version": __version__,
             "health": self._health(),
-            "strategy": self.config.strategy.name,
+            "strategy": self._strategy_name(),
             "dry_run": self.config.enforce.dry_run,
             "interval_s": self.config.sampling.interval_s,
             "uptime_s": round(time.monotonic() - self.started_s, 3),
@@ -623,6 +806,12 @@ class Daemon:
             "clients": len(self.server.clients),
             "budget": self.budgets.summary(),
             "alerts": self.controller.alert_status() if self.controller is not None else [],
+            "subscriptions": {
+                **{topic: len(self._subscribers(topic)) for topic in TOPICS},
+                "snapshots_skipped": self.server.skipped,
+                "closed_slow": self.server.closed_slow,
+                "pending_bytes": self.server.pending_bytes(),
+            },
         }
         if self.scope_path:
             result["scope"] = self._scope_status(snap)
@@ -645,13 +834,21 @@ class Daemon:
             out["processes"] = len(self._processes.in_scope)
         return out
 
+    def _strategy_name(self) -> str:
+        """The strategy deciding now (strategy.set may have switched from the config's)."""
+        if self.controller is not None:
+            return self.controller.strategy.name
+        return self.config.strategy.name
+
     def _health(self) -> str:
         if self.controller is None:
             return "ok"
         from edged.control import health
 
         return health(
-            self.controller.last_state, self._forecasts(), self.controller.alerts.firing()
+            self.controller.last_state,
+            self._forecasts(),
+            self.controller.alerts.firing_resources(),
         )
 
     def _forecasts(self) -> Mapping[Any, float]:

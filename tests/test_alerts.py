@@ -253,7 +253,7 @@ def alert_readings(controller: Controller) -> dict[tuple[str, str, str], Reading
 
 
 def health_now(controller: Controller) -> str:
-    return health(controller.last_state, {}, controller.alerts.firing())
+    return health(controller.last_state, {}, controller.alerts.firing_resources())
 
 
 def test_controller_records_alert_events_logs_them_and_exports_edged_alerts(

@@ -168,7 +168,7 @@ def test_async_client_against_the_daemon_and_its_restart(tmp_path: Path) -> None
             assert results[2]["last"] == 0
             assert len((await client.history(window_s=60))["time"]) >= 1
             with pytest.raises(MethodNotFound):
-                await client.call("strategy.set", {"name": "adaptive"})
+                await client.call("no.such.method", {})
             assert first.stop() == 0
             second.append(start_daemon(tmp_path, "--interval", "0.1"))
             assert (await client.status())["ticks"] >= 1

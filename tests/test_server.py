@@ -4,8 +4,7 @@ one asyncio loop (the server's) with the clients' sockets beside it.
 What a client depends on beyond the daemon's methods: a handler that has to wait does not hold
 up the connection's other requests; requests that arrive once the sampling tick is due are
 answered right after it, not lost; a client that stops reading is not read from (and loses no
-reply), while a client that lets notifications pile up is disconnected rather than buffered
-for without bound.
+reply). (A client that lets notifications pile up: tests/test_subscribe_parts.py.)
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ from edged.server import protocol
 from edged.server.protocol import RpcError
 from edged.server.server import (
     FLUSH_BYTES,
-    MAX_UNREAD_BYTES,
     WRITE_BUFFER_HIGH_BYTES,
     Peer,
     Server,
@@ -144,7 +142,7 @@ def test_a_client_that_does_not_read_is_not_read_and_loses_nothing(tmp_path: Pat
                 blocked_for_s += 0.05
                 continue
             sent += 1
-            assert sent * len(payload) < 64 * MAX_UNREAD_BYTES, "the server never stopped reading"
+            assert sent * len(payload) < 256 << 20, "the server never stopped reading"
             blocked_for_s = 0.0
             await asyncio.sleep(0)
         # bounded: what the server holds for it is its write-buffer mark, not `sent` replies
@@ -167,42 +165,6 @@ def test_a_client_that_does_not_read_is_not_read_and_loses_nothing(tmp_path: Pat
         assert got == list(range(sent))
         stalled_reader.close()
         stalled.close()
-        writer.close()
-        await server.close()
-
-    asyncio.run(scenario())
-
-
-def test_a_client_that_lets_notifications_pile_up_is_disconnected(tmp_path: Path) -> None:
-    async def hello(peer: Peer, params: Mapping[str, Any]) -> Any:
-        return {"connection": peer.connection}
-
-    closed: list[int] = []
-
-    async def scenario() -> None:
-        server, sock = serve(tmp_path / "s.sock", {"hello": hello}, on_close=closed.append)
-        await server.start(sock)
-        reader, writer = await asyncio.open_unix_connection(str(tmp_path / "s.sock"))
-        writer.write(request(1, "hello"))
-        number = (await read_reply(reader))["result"]["connection"]
-        note = {"pad": "y" * 65000}
-        pushed = 0
-        while server.notify(number, "event", note):  # the client reads nothing meanwhile
-            pushed += 1
-            assert pushed * 65000 < 64 * MAX_UNREAD_BYTES, "never disconnected"
-            await asyncio.sleep(0)
-        assert closed == [number]
-        assert number not in server.clients
-        # what the kernel had taken is still delivered (whole notifications, then at most a
-        # cut one that no line reader takes), then EOF: the client is not left hanging
-        lines = []
-        while line := await asyncio.wait_for(reader.readline(), 10):
-            lines.append(line)
-        whole = [line for line in lines if line.endswith(b"\n")]
-        assert lines[: len(whole)] == whole
-        assert len(lines) - len(whole) <= 1
-        assert all(json.loads(line)["method"] == "event" for line in whole)
-        assert 0 < len(whole) < pushed
         writer.close()
         await server.close()
 

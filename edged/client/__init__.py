@@ -21,7 +21,13 @@ as OpenTelemetry histograms.
 from __future__ import annotations
 
 from edged.client._async import AsyncClient
-from edged.client._common import BUDGET_NOTIFICATIONS, Lease, budget_params, socket_path
+from edged.client._common import (
+    BUDGET_NOTIFICATIONS,
+    TOPIC_NOTIFICATIONS,
+    Lease,
+    budget_params,
+    socket_path,
+)
 from edged.client._sync import Client
 from edged.client.errors import (
     ConnectionLost,
@@ -43,6 +49,7 @@ from edged.client.errors import (
 
 __all__ = [
     "BUDGET_NOTIFICATIONS",
+    "TOPIC_NOTIFICATIONS",
     "AsyncClient",
     "Client",
     "ConnectionLost",

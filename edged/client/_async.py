@@ -12,12 +12,13 @@ import asyncio
 import contextlib
 import inspect
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
 from edged.client._common import (
     IDEMPOTENT_METHODS,
+    TOPIC_NOTIFICATIONS,
     Backoff,
     Callback,
     Dispatcher,
@@ -30,6 +31,7 @@ from edged.client._common import (
     log,
     result_of,
     socket_path,
+    subscribe_params,
 )
 from edged.client.errors import (
     ConnectionLost,
@@ -74,6 +76,7 @@ class AsyncClient:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._next_id = 1
         self._hello_name: str | None = None
+        self._topics: list[str] = []  # subscribed: sent again on a new connection
         self._connected_once = False
         self._connect_lock = asyncio.Lock()
 
@@ -100,9 +103,14 @@ class AsyncClient:
         if self._connected_once:
             self.reconnects += 1
         self._connected_once = True
+        renew: list[tuple[str, dict[str, Any]]] = []
         if self._hello_name is not None:
+            renew.append(("hello", hello_params(self._hello_name)))
+        if self._topics:  # subscriptions die with a connection
+            renew.append(("subscribe", subscribe_params(self._topics)))
+        for method, params in renew:
             try:
-                await self._exchange("hello", hello_params(self._hello_name), self.timeout_s)
+                result_of(await self._exchange(method, params, self.timeout_s))
             except _Lost as exc:
                 raise DaemonUnavailable(f"edged on {self.path} hung up", self.path) from exc
 
@@ -303,6 +311,27 @@ class AsyncClient:
 
     async def events(self, since: int = 0) -> dict[str, Any]:
         result: dict[str, Any] = await self.call("events", {"since": since})
+        return result
+
+    async def subscribe(self, topics: Sequence[str], callback: Callback | None = None) -> list[str]:
+        """As :meth:`Client.subscribe`; the callbacks run as the notifications arrive (no
+        polling), and ``callback`` may be a coroutine function."""
+        params = subscribe_params(topics)
+        registered = [(TOPIC_NOTIFICATIONS[t], callback) for t in params["topics"] if callback]
+        for method, added in registered:  # before the call: the first ones may come with it
+            self.dispatcher.on(method, added)
+        try:
+            result: dict[str, Any] = await self.call("subscribe", params)
+        except BaseException:
+            for method, added in registered:
+                self.dispatcher.off(method, added)
+            raise
+        self._topics = list(params["topics"])
+        return list(result.get("topics", []))
+
+    async def set_strategy(self, name: str) -> dict[str, Any]:
+        """As :meth:`Client.set_strategy`."""
+        result: dict[str, Any] = await self.call("strategy.set", {"name": name})
         return result
 
     def on(self, method: str, callback: Callback) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,8 +21,32 @@ log = logging.getLogger("edged.client")
 #: already released gets 1004, which the client treats as released). Anything else
 #: (``budget.request``, ``budget.update``) may have been acted on, so it raises ConnectionLost.
 IDEMPOTENT_METHODS = frozenset(
-    {"hello", "status", "snapshot", "history", "events", "budget.list", "budget.release"}
+    {
+        "hello",
+        "status",
+        "snapshot",
+        "history",
+        "events",
+        "subscribe",  # it sets the connection's topics: sending it twice changes nothing
+        "budget.list",
+        "budget.release",
+    }
 )
+
+#: ``subscribe`` topics and the notification each one brings (DESIGN section 6).
+TOPIC_NOTIFICATIONS = {"pressure": "pressure", "events": "event", "snapshot": "snapshot"}
+
+
+def subscribe_params(topics: Sequence[str]) -> dict[str, Any]:
+    """``subscribe`` params; raises ValueError on a topic the daemon does not know (the
+    daemon would refuse it with -32602 anyway; this says so before anything is sent)."""
+    if isinstance(topics, str):
+        raise ValueError("topics must be a list of topic names, not one string")
+    unknown = sorted(set(topics) - set(TOPIC_NOTIFICATIONS))
+    if unknown:
+        raise ValueError(f"unknown topic {unknown[0]!r} (known: {', '.join(TOPIC_NOTIFICATIONS)})")
+    return {"topics": list(dict.fromkeys(topics))}
+
 
 #: Notifications the daemon pushes about budgets (DESIGN section 6).
 BUDGET_NOTIFICATIONS = ("budget.granted", "budget.shrink", "budget.grow", "budget.revoked")
@@ -175,6 +199,12 @@ class Dispatcher:
 
     def on(self, method: str, callback: Callback) -> None:
         self.callbacks.setdefault(method, []).append(callback)
+
+    def off(self, method: str, callback: Callback) -> None:
+        """Remove one registration of ``callback`` for ``method`` (if there is one)."""
+        found = self.callbacks.get(method, [])
+        if callback in found:
+            found.remove(callback)
 
     def targets(self, method: str, params: Mapping[str, Any]) -> list[Callback]:
         """Apply the notification to its lease; the callbacks to call, in order."""

@@ -19,12 +19,13 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
 from edged.client._common import (
     IDEMPOTENT_METHODS,
+    TOPIC_NOTIFICATIONS,
     Backoff,
     Callback,
     Dispatcher,
@@ -37,6 +38,7 @@ from edged.client._common import (
     log,
     result_of,
     socket_path,
+    subscribe_params,
 )
 from edged.client.errors import (
     ConnectionLost,
@@ -99,6 +101,7 @@ class Client:
         self._next_id = 1
         self._lock = threading.RLock()
         self._hello_name: str | None = None
+        self._topics: list[str] = []  # subscribed: sent again on a new connection
         self._connected_once = False
         if connect:
             self.connect()
@@ -117,6 +120,17 @@ class Client:
                 try:
                     reply = self._exchange(
                         "hello", hello_params(self._hello_name), self.timeout_s, retry=False
+                    )
+                except _Broken as exc:
+                    self._close_socket()
+                    raise DaemonUnavailable(
+                        f"edged on {self.path} hung up: {exc}", self.path
+                    ) from exc
+                result_of(reply)
+            if self._topics:  # subscriptions die with a connection: renew them
+                try:
+                    reply = self._exchange(
+                        "subscribe", subscribe_params(self._topics), self.timeout_s, retry=False
                     )
                 except _Broken as exc:
                     self._close_socket()
@@ -325,6 +339,36 @@ class Client:
     def events(self, since: int = 0) -> dict[str, Any]:
         """Actions and alert transitions after sequence ``since``: {events, last}."""
         result: dict[str, Any] = self.call("events", {"since": since})
+        return result
+
+    def subscribe(self, topics: Sequence[str], callback: Callback | None = None) -> list[str]:
+        """``subscribe``: from now on the daemon pushes ``pressure`` {resource, level,
+        previous} on each change of a resource's level (and each one's current level right
+        away), ``event`` (as :meth:`events` returns one) for each new event, and
+        ``snapshot`` each tick (skipped while this client is behind on the previous one).
+        The topics replace those of an earlier call (``[]`` ends them all) and are renewed
+        after a reconnect. ``callback(params)`` is added for the notifications of these
+        topics (to tell them apart, use :meth:`on` per notification instead). As with every
+        notification, callbacks run in :meth:`poll` or after a call's reply. Returns the
+        topics the daemon accepted."""
+        params = subscribe_params(topics)
+        registered = [(TOPIC_NOTIFICATIONS[t], callback) for t in params["topics"] if callback]
+        with self._lock:
+            for method, added in registered:  # before the call: the first ones may come with it
+                self.dispatcher.on(method, added)
+            try:
+                result: dict[str, Any] = self.call("subscribe", params)
+            except BaseException:
+                for method, added in registered:
+                    self.dispatcher.off(method, added)
+                raise
+            self._topics = list(params["topics"])
+            return list(result.get("topics", []))
+
+    def set_strategy(self, name: str) -> dict[str, Any]:
+        """``strategy.set`` (root or group edged-admin, else PermissionDenied): the daemon
+        decides with ``name`` from its next tick. Returns {strategy, previous}."""
+        result: dict[str, Any] = self.call("strategy.set", {"name": name})
         return result
 
     def on(self, method: str, callback: Callback) -> None:

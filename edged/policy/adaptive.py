@@ -130,6 +130,8 @@ class AdaptiveStrategy:
     """AIMD memory limits per group and a PI loop on CPU quota for temperature."""
 
     name = "adaptive"
+    # it undoes only the limits it set itself: a switch to it lifts what the old one imposed
+    adopts_imposed = False
 
     def __init__(self, settings: Mapping[str, Any] | None = None) -> None:
         self.settings = parse_settings(settings, ADAPTIVE_DEFAULTS, self.name)

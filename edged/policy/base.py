@@ -145,7 +145,12 @@ class Action:
 
 
 class Strategy(Protocol):
-    """A policy. ``name`` is what config and ``edged.strategy`` call it."""
+    """A policy. ``name`` is what config and ``edged.strategy`` call it.
+
+    A strategy may also set ``adopts_imposed = True`` when it lifts throttles and freezes it
+    finds in ``State.imposed`` that it did not send: a runtime switch to it then hands the
+    old strategy's over instead of lifting them (read with ``getattr``, default False).
+    """
 
     name: str
 

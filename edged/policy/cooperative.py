@@ -110,6 +110,9 @@ class CooperativeStrategy(DynamicStrategy):
     """Fair shares and shrink notices for clients, dynamic's ladder for the rest."""
 
     name = "cooperative"
+    # its ladder does not see clients it spares, so it could not lift another strategy's
+    # throttle on one of them: a switch to it lifts what the old strategy imposed
+    adopts_imposed = False
     defaults: Mapping[str, float] = COOPERATIVE_DEFAULTS
 
     def __init__(self, settings: Mapping[str, Any] | None = None) -> None:

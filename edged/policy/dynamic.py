@@ -215,6 +215,9 @@ class DynamicStrategy:
 
     name = "dynamic"
     defaults: Mapping[str, float] = DYNAMIC_DEFAULTS
+    # it lifts, with its hysteresis, whatever State.imposed lists, also what another strategy
+    # imposed: so a runtime switch to it hands the old strategy's throttles and freezes over
+    adopts_imposed = True
 
     def __init__(self, settings: Mapping[str, Any] | None = None) -> None:
         self.settings = parse_settings(settings, self.defaults, self.name)

@@ -20,8 +20,9 @@ Built for a daemon whose first job is its sampling cadence:
   requests wait (their sockets unread) until the tick has run, so load on the socket delays a
   tick by at most the one request being answered.
 * idle connections are found by one periodic sweep, not a timer per read.
-* a client that does not read its replies is not read from either (backpressure); one that
-  leaves more than :data:`MAX_UNREAD_BYTES` of notifications unread is disconnected.
+* a client that does not read its replies is not read from either (backpressure).
+  Notifications are written without waiting, and what waits for a client that does not read
+  them is bounded (:meth:`Server.send`): the daemon's tick never waits on a subscriber.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import socket
 import stat
 import struct
 import time
-from collections.abc import Callable, Coroutine, Generator, Mapping
+from collections.abc import Callable, Coroutine, Generator, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,8 +51,12 @@ log = logging.getLogger(__name__)
 # replies and notifications a client has not read yet: past this the server stops reading its
 # requests (its own backpressure) ...
 WRITE_BUFFER_HIGH_BYTES = 256 * 1024
-# ... and past this (notifications keep coming) it is disconnected rather than buffered for
-MAX_UNREAD_BYTES = 4 * 1024 * 1024
+# Notifications waiting for one client beyond what the kernel's socket buffer holds (about
+# 200 KiB for a Unix stream socket): room for a burst of events or several snapshots; more
+# than this and the client is not reading, so it is disconnected (see Server.send).
+MAX_PENDING_BYTES = 1 << 20
+# a client closed for not reading gets this long to read its backlog before it is cut off
+SLOW_CLOSE_GRACE_S = 5.0
 # replies to the lines of one read are written together, in pieces of about this size
 FLUSH_BYTES = 64 * 1024
 
@@ -139,6 +144,8 @@ class Server:
         idle_timeout_s: float = 300.0,
         holds: Callable[[int], bool] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        max_pending_bytes: int = MAX_PENDING_BYTES,
+        slow_close_grace_s: float = SLOW_CLOSE_GRACE_S,
     ) -> None:
         self.methods = dict(methods)
         self.max_clients = max_clients
@@ -151,6 +158,12 @@ class Server:
         self.idle_timeout_s = idle_timeout_s
         self.holds = holds
         self.clock = clock
+        # notifications a client has not read yet, beyond the kernel's socket buffer: the
+        # most one connection may have waiting (see send)
+        self.max_pending_bytes = max_pending_bytes
+        self.slow_close_grace_s = slow_close_grace_s
+        self.skipped = 0  # droppable notifications skipped for clients that were behind
+        self.closed_slow = 0  # connections closed for not reading their notifications
         self.clients: dict[int, _Connection] = {}  # connection number -> connection
         self._numbers = itertools.count(1)
         self._server: asyncio.AbstractServer | None = None
@@ -193,23 +206,69 @@ class Server:
         """Push a notification on a connection; False if it is gone."""
         return self.send(connection, protocol.encode_notification(method, params))
 
-    def send(self, connection: int, data: bytes) -> bool:
-        """Push encoded line(s) on a connection; False if it is gone. A client that leaves
-        more than :data:`MAX_UNREAD_BYTES` unread is disconnected rather than buffered for."""
+    def send(self, connection: int, data: bytes, *, droppable: bool = False) -> bool:
+        """Write encoded notification bytes on a connection without waiting; False when
+        they were not written.
+
+        Never awaited, so a tick is never held up by a client. What the kernel's socket
+        buffer cannot take waits in the connection's buffer here, and that is bounded:
+
+        * ``droppable`` data (a ``snapshot`` notification: only the latest matters) is
+          skipped while anything is still waiting in that buffer, i.e. while the client has
+          not taken the previous ones; counted in ``skipped``.
+        * anything else (``pressure``, ``event``, budget notifications: a client must not
+          miss a transition) that would take the buffer over ``max_pending_bytes`` closes
+          the connection instead (:meth:`close_slow`), with an error saying why.
+        """
         conn = self.clients.get(connection)
-        if conn is None or conn.transport is None:
+        if conn is None or conn.transport is None or conn.transport.is_closing():
             return False
-        if conn.transport.get_write_buffer_size() > MAX_UNREAD_BYTES:
-            log.warning(
-                "connection %d (pid %d) leaves %d bytes unread; closing it",
-                connection,
-                conn.peer.pid if conn.peer else 0,
-                conn.transport.get_write_buffer_size(),
-            )
-            conn.transport.abort()  # a flush would wait on the very reader that stalls
-            conn._end()
+        pending = conn.transport.get_write_buffer_size()
+        if droppable and pending > 0:
+            self.skipped += 1
+            return False
+        if not droppable and pending + len(data) > self.max_pending_bytes:
+            self.close_slow(connection, pending)
             return False
         return conn.write(data)
+
+    def broadcast(self, connections: Iterable[int], data: bytes, *, droppable: bool = False) -> int:
+        """The same encoded bytes to every connection in ``connections`` (encoded once by
+        the caller, however many subscribers); returns how many took them."""
+        return sum(self.send(c, data, droppable=droppable) for c in list(connections))
+
+    def pending_bytes(self) -> int:
+        """Bytes waiting in the connections' buffers for clients to read them."""
+        return sum(
+            c.transport.get_write_buffer_size()
+            for c in self.clients.values()
+            if c.transport is not None
+        )
+
+    def close_slow(self, connection: int, pending: int) -> None:
+        """Close a connection whose client does not read what it is sent: an error (1005)
+        saying why goes last; a client that is only slow reads everything up to it and then
+        EOF. One that reads nothing is cut off (the buffer dropped) after
+        ``slow_close_grace_s``, so its backlog cannot be held for ever."""
+        conn = self.clients.get(connection)
+        if conn is None or conn.transport is None or conn.transport.is_closing():
+            return
+        self.closed_slow += 1
+        message = (
+            f"notifications not read: {pending} bytes waiting, at most "
+            f"{self.max_pending_bytes} allowed; closing"
+        )
+        log.warning(
+            "closing connection %d (pid %s): %s",
+            connection,
+            conn.peer.pid if conn.peer is not None else "?",
+            message,
+        )
+        transport = conn.transport
+        transport.write(protocol.encode_error(None, protocol.TOO_MANY, message))
+        transport.close()  # flushes what is buffered first, then closes (connection_lost)
+        if self._loop is not None:
+            self._loop.call_later(self.slow_close_grace_s, transport.abort)
 
     # ---- the sampling tick comes first ----------------------------------------------------
 
@@ -438,8 +497,9 @@ class _Connection(asyncio.Protocol):
         replies: list[bytes] = []
         pending_bytes = 0
         buffer = self._buffer
+        transport = self.transport
         while not self.closed:
-            if self._write_blocked:
+            if self._write_blocked or transport is None or transport.is_closing():
                 break
             if server.loop_time() >= server.tick_due_s:
                 server._hold(self)
