@@ -26,6 +26,7 @@ import re
 import shutil
 import subprocess
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,13 +138,15 @@ def escape(unit: str) -> str:
 
 @dataclass
 class Call:
-    """One method call the fake received: member, signature and body as sent."""
+    """One method call the fake received: member, signature and body as sent, and when it
+    arrived (``time.monotonic()``)."""
 
     member: str
     signature: str
     body: tuple[Any, ...]
     interface: str = ""
     path: str = ""
+    at_s: float = field(default_factory=time.monotonic)
 
 
 @dataclass
