@@ -9,16 +9,24 @@ is written when its future is done, and the connection's next lines are read mea
 A line that is not JSON gets a -32700 reply with ``"id": null`` and the connection stays open;
 an oversized line gets an error reply and the connection is closed; neither affects other
 clients.
+
+Peer identity is taken at accept: ``SO_PEERCRED`` (pid, uid, gid), and a pidfd of the peer's
+process where the kernel has ``SO_PEERPIDFD`` (Linux >= 6.5), else the process's start time
+from ``/proc/PID/stat``. Either one tells later whether the pid still names the process that
+connected (:meth:`Peer.same_process`), which rules out acting on a reused pid. The pidfd is
+closed when the connection ends.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import grp
 import itertools
 import logging
 import os
+import signal
 import socket
 import stat
 import struct
@@ -28,10 +36,72 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edged.enforce.signals import read_start_ticks
 from edged.server import protocol
 from edged.server.protocol import RpcError
 
 log = logging.getLogger(__name__)
+
+# Python 3.11's socket module has no name for it. 77 is its number in asm-generic/socket.h,
+# which x86, arm, arm64, riscv, powerpc, s390 and loongarch use; alpha, mips, parisc and sparc
+# number their socket options differently, and there 77 could be another option whose integer
+# would be taken for a file descriptor: those get no pidfd (the start-time fallback).
+_GENERIC_SOCKET_H = ("x86_64", "i386", "i686", "aarch64", "arm", "riscv", "ppc", "s390", "loong")
+SO_PEERPIDFD: int | None = getattr(socket, "SO_PEERPIDFD", None)
+if SO_PEERPIDFD is None and os.uname().machine.startswith(_GENERIC_SOCKET_H):
+    SO_PEERPIDFD = 77
+
+
+class PeerProcess:
+    """The peer's process as it was when it connected, to tell later whether its pid still
+    names that process (and not a new one that got the pid after it exited).
+
+    With a pidfd (``SO_PEERPIDFD``) the kernel answers exactly: ``pidfd_send_signal(pidfd,
+    0)`` fails with ESRCH once that process is gone, whatever has the pid since. Without one,
+    the start time (``/proc/PID/stat`` field 22) read at accept is compared with the one the
+    pid has now: a new process with the same pid has a later start time (a reused pid within
+    the same clock tick is the one case this cannot see). ``start_ticks`` None means the
+    process was already gone (or hidden) at accept: never vouched for.
+    """
+
+    def __init__(
+        self,
+        pid: int,
+        pidfd: int | None,
+        start_ticks: int | None,
+        proc: Path = Path("/proc"),
+    ) -> None:
+        self.pid = pid
+        self.pidfd = pidfd
+        self.start_ticks = start_ticks
+        self.proc = proc
+
+    @property
+    def how(self) -> str:
+        """How the identity is checked: ``pidfd`` or ``start_time``."""
+        return "pidfd" if self.pidfd is not None else "start_time"
+
+    def alive(self) -> bool:
+        """Whether the process that connected still exists (a zombie still does: its pid
+        cannot be reused before it is reaped)."""
+        if self.pidfd is not None:
+            try:
+                signal.pidfd_send_signal(self.pidfd, 0)
+            except ProcessLookupError:
+                return False
+            except PermissionError:  # it exists; this daemon may just not signal it
+                return True
+            return True
+        if self.start_ticks is None:
+            return False
+        return read_start_ticks(self.pid, self.proc) == self.start_ticks
+
+    def close(self) -> None:
+        """Close the pidfd (the connection ended). Afterwards nothing is vouched for."""
+        if self.pidfd is not None:
+            fd, self.pidfd = self.pidfd, None
+            self.start_ticks = None
+            os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -42,6 +112,14 @@ class Peer:
     uid: int
     gid: int
     connection: int = field(default=0, compare=False)  # the server's number for the connection
+    # the process behind ``pid`` at accept (None: not known, e.g. a Peer made by a test)
+    process: PeerProcess | None = field(default=None, compare=False, repr=False)
+
+    def same_process(self) -> bool:
+        """Whether ``pid`` still names the process that connected. The daemon asks before it
+        acts on the peer's own pid (a lease for the peer itself); with nothing known about the
+        process (``process`` None) it trusts the pid, as SO_PEERCRED alone would."""
+        return self.process is None or self.process.alive()
 
 
 class Deferred:
@@ -58,9 +136,39 @@ Handler = Callable[[Peer, Mapping[str, Any]], Awaitable[Any]]
 
 
 def peer_credentials(sock: socket.socket) -> Peer:
+    """pid, uid and gid of the process that connected (SO_PEERCRED)."""
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", raw)
     return Peer(pid=pid, uid=uid, gid=gid)
+
+
+class PidfdProbe:
+    """Gets a pidfd of a socket's peer (``SO_PEERPIDFD``), and remembers when the kernel has
+    none, so that later connections do not ask again."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        usable = enabled and SO_PEERPIDFD is not None
+        self.available: bool | None = None if usable else False  # None: not asked yet
+
+    def pidfd(self, sock: socket.socket) -> int | None:
+        """The pidfd (the caller closes it), or None: no such option here (ENOPROTOOPT, a
+        kernel before 6.5: remembered), or none for this peer (EINVAL or ESRCH: before
+        Linux 6.9 the kernel refuses a pidfd for a peer that has already exited; the start
+        time is then the fallback, and it finds the process gone)."""
+        if self.available is False or SO_PEERPIDFD is None:
+            return None
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, struct.calcsize("i"))
+        except OSError as exc:
+            if exc.errno == errno.ENOPROTOOPT:
+                log.info("this kernel has no SO_PEERPIDFD: peers are checked by start time")
+                self.available = False
+            else:
+                log.debug("no pidfd for a peer: %s", exc)
+            return None
+        self.available = True
+        (fd,) = struct.unpack("i", raw)
+        return int(fd)
 
 
 def default_socket_path(environ: Mapping[str, str] | None = None) -> Path:
@@ -117,6 +225,8 @@ class Server:
         idle_timeout_s: float = 300.0,
         holds: Callable[[int], bool] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        peer_pidfds: bool = True,
+        proc: Path = Path("/proc"),
     ) -> None:
         self.methods = dict(methods)
         self.max_clients = max_clients
@@ -129,6 +239,9 @@ class Server:
         self.idle_timeout_s = idle_timeout_s
         self.holds = holds
         self.clock = clock
+        # a pidfd per peer where the kernel has SO_PEERPIDFD (False: start times only)
+        self.pidfds = PidfdProbe(peer_pidfds)
+        self.proc = proc  # where the fallback reads a peer's start time
         self.clients: set[asyncio.StreamWriter] = set()
         self._writers: dict[int, asyncio.StreamWriter] = {}
         self._numbers = itertools.count(1)
@@ -179,8 +292,10 @@ class Server:
         self._tasks.add(task)
         number = next(self._numbers)
         pending: set[asyncio.Task[None]] = set()
+        peer: Peer | None = None
         try:
-            await self._connection(reader, writer, number, pending)
+            peer = self._identify(writer, number)
+            await self._connection(reader, writer, peer, pending)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         except asyncio.CancelledError:
@@ -197,17 +312,27 @@ class Server:
                     self.on_close(number)
                 except Exception:  # a hook bug must not take the server down
                     log.exception("close hook for connection %d failed", number)
+            if peer is not None and peer.process is not None:
+                peer.process.close()
+
+    def _identify(self, writer: asyncio.StreamWriter, number: int) -> Peer:
+        """The peer of a new connection: SO_PEERCRED, and its process (a pidfd, else its
+        start time read now)."""
+        sock = writer.get_extra_info("socket")
+        creds = peer_credentials(sock)
+        pidfd = self.pidfds.pidfd(sock)
+        ticks = None if pidfd is not None else read_start_ticks(creds.pid, self.proc)
+        process = PeerProcess(creds.pid, pidfd, ticks, self.proc)
+        return Peer(creds.pid, creds.uid, creds.gid, connection=number, process=process)
 
     async def _connection(
         self,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
-        number: int,
+        peer: Peer,
         pending: set[asyncio.Task[None]],
     ) -> None:
-        sock = writer.get_extra_info("socket")
-        creds = peer_credentials(sock)
-        peer = Peer(pid=creds.pid, uid=creds.uid, gid=creds.gid, connection=number)
+        number = peer.connection
         if len(self.clients) >= self.max_clients:
             writer.write(
                 protocol.encode_error(
