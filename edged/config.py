@@ -284,13 +284,37 @@ class Budget(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """What budgets may not take. The capacity budgets share is the hard limit of each resource
     (``[limits]``), else the machine's total (MemTotal, the CPU count, the GPUs' memory); the
     reserve is kept out of it for everything that holds no budget (the system, edged itself).
-    A reserve is an amount (bytes for memory, cores for CPU) or a percentage of the capacity."""
+    A reserve is an amount (bytes for memory, cores for CPU) or a percentage of the capacity.
+
+    Lending (``edged.budget.ledger``): a lease whose use stays at or below ``lend_fraction`` of
+    its grant for ``lend_idle_after`` lends the rest to elastic leases; when it needs it back,
+    the borrowers get ``reclaim_notice`` to give it back. ``lend = false`` turns it off."""
 
     reserve_memory: float | int | str = "10%"
     reserve_cpu: float | int | str = "10%"
     reserve_gpu_memory: float | int | str = 0
+    lend: bool = True
+    lend_idle_after: float | int | str = 30.0
+    lend_fraction: float = 0.5
+    reclaim_notice: float | int | str = 5.0
+
+    @property
+    def lend_idle_after_s(self) -> float:
+        return parse_duration_s(self.lend_idle_after)
+
+    @property
+    def reclaim_notice_s(self) -> float:
+        return parse_duration_s(self.reclaim_notice)
 
     def __post_init__(self) -> None:
+        if not 0 < self.lend_fraction < 1:
+            raise ValueError("lend_fraction: must be between 0 and 1 (exclusive)")
+        for name in ("lend_idle_after", "reclaim_notice"):
+            try:
+                if parse_duration_s(getattr(self, name)) < 0:
+                    raise ValueError("must not be negative")
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from exc
         for name in ("reserve_memory", "reserve_cpu", "reserve_gpu_memory"):
             value = getattr(self, name)
             try:

@@ -22,7 +22,7 @@ import msgspec
 
 from edged import __version__
 from edged import config as config_mod
-from edged.budget.service import BudgetService, capacity_of
+from edged.budget.service import BudgetService, capacity_of, lending_of
 from edged.history import History
 from edged.sampler import Sampler
 from edged.sensors import Roots, Sensor, SensorError, discover_all
@@ -78,7 +78,11 @@ class Daemon:
         self.telemetry: Telemetry | None = None
         self.notifier = Notifier(self._environ)
         self.budgets = BudgetService(
-            self._notify, proc=self.roots.proc, watch=self._watch, unwatch=self._unwatch
+            self._notify,
+            proc=self.roots.proc,
+            watch=self._watch,
+            unwatch=self._unwatch,
+            lending=lending_of(config.budget),
         )
         self.server = Server(
             self._methods(),
@@ -402,7 +406,10 @@ class Daemon:
                 if self.config.sampling.interval_s != interval_s:
                     interval_s = self.config.sampling.interval_s
                     deadline_s = loop.time()
-            self._tick()
+            try:
+                self._tick()
+            finally:
+                self.server.release()  # answer the requests that waited for this tick
             step_s = self._next_interval_s(interval_s)
             if step_s < interval_s and self._processes is not None:
                 # near or over a limit: a culprit started since the last /proc listing must
@@ -414,6 +421,7 @@ class Daemon:
                 missed = int((now_s - deadline_s) // step_s) + 1
                 self.overruns += missed
                 deadline_s += missed * step_s
+            self.server.hold(deadline_s)  # from the deadline on, requests wait for the tick
             await self._sleep_until(loop, deadline_s)
 
     async def _sleep_until(self, loop: asyncio.AbstractEventLoop, deadline_s: float) -> None:
@@ -495,6 +503,7 @@ class Daemon:
         """The ledger's capacity from this tick (hard limits, else totals), then its queue;
         GPU-memory leases against NVML's per-process figures."""
         self.budgets.check_gpu(snapshot.readings)
+        self.budgets.observe(snapshot.readings)  # idle leases lend, busy lenders take back
         state = self.controller.last_state if self.controller is not None else None
         if state is None:
             return
@@ -506,9 +515,10 @@ class Daemon:
     def _notify(self, connection: int, method: str, params: Any) -> bool:
         return self.server.notify(connection, method, params)
 
-    def _watch(self, pid: int, klass: str, client: str) -> bool:
-        """A lease holder is sampled from now on, with ``edged.client`` = its name."""
-        return self._processes.watch(pid, klass, client) if self._processes else False
+    def _watch(self, pid: int, klass: str, client: str) -> None:
+        """A lease holder is sampled from the next tick on, with ``edged.client`` = its name."""
+        if self._processes is not None:
+            self._processes.watch(pid, klass, client)
 
     def _unwatch(self, pid: int) -> None:
         if self._processes is not None:
@@ -547,6 +557,8 @@ class Daemon:
             self.budgets.rewatch()  # the new process sensor samples the lease holders too
             if self._history_capacity(new) != self.history.capacity:
                 self.history = History(self._history_capacity(new))
+        if new.budget != old.budget:
+            self.budgets.configure(lending_of(new.budget))  # reserves: at the next tick
         if new.alerts != old.alerts and self.controller is not None:
             # pending alerts are held against the new times from the next tick on
             self.controller.alerts.for_s = new.alerts.for_s

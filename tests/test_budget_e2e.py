@@ -93,7 +93,14 @@ def test_grant_refuse_elastic_list_release(daemon: RunningDaemon) -> None:
 
         assert a.call("budget.release", {"lease": got["lease"]}) == {}
         assert a.error("budget.release", {"lease": got["lease"]})["code"] == 1004
-        assert a.call("budget.list")["available"]["memory"] == share
+        # the elastic lease grows to what it asked as soon as the capacity is free, and is told
+        _, note = b.next()
+        assert note == {
+            "jsonrpc": "2.0",
+            "method": "budget.grow",
+            "params": {"lease": elastic["lease"], "granted": {"memory": share}},
+        }
+        assert a.call("budget.list")["available"]["memory"] == memory - share
         wait_until(lambda: not client_readings(daemon, a.pid))  # unwatched on release
         assert daemon.call("status")["budget"]["leases"] == 1
 

@@ -1,4 +1,5 @@
-"""The budget service's pure parts: capacity and reserve, authorization from /proc."""
+"""The budget service's pure parts: capacity and reserve, authorization from /proc, and what
+growth and lending send and enforce, in which order."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from edged.budget.ledger import Lending
 from edged.budget.service import BudgetService, capacity_of
 from edged.config import Budget
 from edged.policy.base import Action, ActionKind, ProcessClass, Resource
@@ -191,3 +193,99 @@ def test_any_params_get_a_result_or_an_rpc_error_never_a_crash(data: st.DataObje
         return code
 
     assert asyncio.run(call()) in (0, -32602, 1001, 1003, 1004)
+
+
+class RecordingEnforcer:
+    """A LeaseEnforcer that writes what it applies into the same log as the notifications, so
+    the order of the two can be checked (a cgroup enforcer's writes are what it stands for)."""
+
+    def __init__(self, log: list[tuple[Any, ...]]) -> None:
+        self.log = log
+
+    def apply(self, lease: Any) -> dict[str, Any]:
+        self.log.append(("enforce", lease.id, dict(lease.granted)))
+        return {"how": "recorded", "memory_max_bytes": lease.granted.get("memory")}
+
+    def lift(self, lease: Any) -> None:
+        self.log.append(("lift", lease.id))
+
+
+def test_growth_is_enforced_before_budget_grow_and_a_loan_is_recalled_then_reclaimed() -> None:
+    log: list[tuple[Any, ...]] = []
+    now = [100.0]
+
+    def notify(connection: int, method: str, params: Any) -> bool:
+        log.append((method, connection, params))
+        return True
+
+    service = BudgetService(
+        notify,
+        enforcer=RecordingEnforcer(log),
+        clock=lambda: now[0],
+        lending=Lending(idle_after_s=10.0, idle_fraction=0.5, notice_s=5.0),
+    )
+    service.set_capacity({"memory": 8.0 * GIB}, {})
+    pid = os.getpid()
+    a = Peer(pid=pid, uid=os.getuid(), gid=os.getgid(), connection=1)
+    b = Peer(pid=pid, uid=os.getuid(), gid=os.getgid(), connection=2)
+
+    def rss(bytes_: float) -> list[Reading]:
+        return [Reading("process.memory.usage", bytes_, {"process.pid": pid})]
+
+    async def scenario() -> None:
+        held = (await service.request(a, {"resources": {"memory": 6 * GIB}}))["lease"]
+        elastic = await service.request(
+            b, {"resources": {"memory": 4 * GIB}, "min": {"memory": GIB}}
+        )
+        assert elastic["granted"] == {"memory": 2 * GIB}
+        log.clear()
+        # a resize by the holder frees 2 GiB: the elastic lease grows; its limit is raised
+        # first, then it is told; the holder is answered, not notified
+        answer = await service.update(a, {"lease": held, "resources": {"memory": 4 * GIB}})
+        assert answer == {"lease": held, "granted": {"memory": 4 * GIB}}
+        assert log == [
+            ("enforce", held, {"memory": 4 * GIB}),
+            ("enforce", elastic["lease"], {"memory": 4 * GIB}),
+            ("budget.grow", 2, {"lease": elastic["lease"], "granted": {"memory": 4 * GIB}}),
+        ]
+        # the elastic lease asks for more than there is; the holder's process is idle (1 GiB
+        # of 4 measured): after 10 s half of its grant is lent
+        await service.update(b, {"lease": elastic["lease"], "resources": {"memory": 7 * GIB}})
+        log.clear()
+        service.observe(rss(GIB))
+        now[0] += 10.0
+        service.observe(rss(GIB))
+        service.set_capacity({"memory": 8.0 * GIB}, {})  # the tick
+        assert log == [
+            ("enforce", elastic["lease"], {"memory": 6 * GIB}),
+            ("budget.grow", 2, {"lease": elastic["lease"], "granted": {"memory": 6 * GIB}}),
+        ]
+        listed = {x["lease"]: x for x in (await service.list_leases(a, {}))["leases"]}
+        assert listed[held]["lent"] == {"memory": 2 * GIB}
+        assert listed[held]["measured"] == {"memory": GIB}
+        assert listed[elastic["lease"]]["borrowed"] == {"memory": 2 * GIB}
+        log.clear()
+        # its process grows past half its grant: the borrower is told, with 5 s to comply
+        service.observe(rss(3 * GIB))
+        assert log == [
+            (
+                "budget.shrink",
+                2,
+                {
+                    "lease": elastic["lease"],
+                    "target": {"memory": 4 * GIB},
+                    "deadline": 5.0,
+                    "reason": "reclaim",
+                },
+            )
+        ]
+        log.clear()
+        now[0] += 5.0
+        service._expire()  # the timer at the deadline: the grant and the limit go down
+        assert log == [("enforce", elastic["lease"], {"memory": 4 * GIB})]
+        listed = {x["lease"]: x for x in (await service.list_leases(a, {}))["leases"]}
+        assert listed[elastic["lease"]]["granted"] == {"memory": 4 * GIB}
+        assert "borrowed" not in listed[elastic["lease"]]
+        service.close()
+
+    asyncio.run(scenario())

@@ -194,12 +194,33 @@ def test_watch_adds_an_unmatched_pid_with_its_client(children: list[subprocess.P
     p = start(children, 1, 30, "sleep", "unmatched")
     sensor = ProcessSensor(Roots(), [], mode="none")
     assert sensor.read() == []
-    assert sensor.watch(p.pid, klass="besteffort", client="camera")
+    sensor.watch(p.pid, klass="besteffort", client="camera")
     mem = [r for r in sensor.read() if r.metric == "process.memory.usage"]
     assert mem[0].attributes["edged.client"] == "camera"
+    assert mem[0].attributes["process.pid"] == p.pid
     sensor.unwatch(p.pid)
     assert sensor.read() == []
-    assert not sensor.watch(2**22 + 12345)  # no such pid
+    sensor.watch(2**22 + 12345)  # no such pid: nothing sampled, nothing kept
+    assert sensor.read() == []
+    assert 2**22 + 12345 not in sensor.watched
+
+
+def test_a_pid_watched_and_unwatched_between_reads_is_never_opened(
+    children: list[subprocess.Popen[str]],
+) -> None:
+    """A lease granted and released between two ticks costs the sensor nothing, and a watch of
+    a process that exits before the next read leaves no entry behind."""
+    quick = start(children, 1, 30, "sleep", "quick")
+    gone = start(children, 1, 30, "sleep", "gone")
+    sensor = ProcessSensor(Roots(), [], mode="none")
+    sensor.read()
+    sensor.watch(quick.pid, klass="normal", client="c")
+    sensor.unwatch(quick.pid)
+    sensor.watch(gone.pid, klass="normal", client="c")
+    gone.kill()
+    gone.wait()
+    assert sensor.read() == []
+    assert sensor.watched == {}
 
 
 def test_all_mode_skips_kernel_threads() -> None:

@@ -13,6 +13,12 @@ enforcer records its own, so a crash leaves nothing imposed that the next start'
 not lift. On release the limits are lifted first, then every process in the group (children
 forked inside it too) goes back where the target came from, and the group is removed.
 
+A resize (growth, a shrink, a reclaim of borrowed budget) sets the limits in place. Growth is
+written before the client is told. cgroup v1 refuses a memory limit below what it cannot
+reclaim (EBUSY, no swap): then the group keeps its previous limits, the lease stays placed, and
+the refusal is shown in ``enforced`` (``error``); the strategy's ladder still acts on the
+process under pressure.
+
 GPU memory has no kernel lever: it stays cooperative. A lease whose target is already in an
 edged group (a second lease for the same process, or a throttle) is not moved again and is
 reported as cooperative with the reason.
@@ -51,8 +57,9 @@ class CgroupLeases:
         return f"{self.backend.subtree}/budget-{lease.id}"
 
     def apply(self, lease: Lease) -> dict[str, Any]:
-        """Place the target (first grant) and set the limits (first grant and each resize);
-        on failure the group is undone and the lease is reported as cooperative."""
+        """Place the target (first grant) and set the limits (first grant and each resize).
+        A first grant that fails is undone and reported as cooperative; a resize that fails
+        keeps the group at its previous limits, with ``error`` in the answer."""
         group = self.group_of(lease)
         pid = lease.target_pid
         elsewhere = self.store.group_of(pid)
@@ -60,12 +67,14 @@ class CgroupLeases:
             return {"how": "cooperative", "reason": f"pid {pid} is already in {elsewhere}"}
         memory = lease.granted.get("memory")
         cores = lease.granted.get("cpu")
-        memory_bytes = int(memory) if memory else None
+        memory_bytes = round(memory) if memory else None  # as the client is told (_amounts)
         quota_cores = cores if cores else None
         if memory_bytes is None and quota_cores is None:  # GPU memory only: no kernel lever
             self.lift(lease)  # a resize to zero lifts what an earlier grant imposed
             return {"how": "cooperative"}
+        placed = group in self.store.data.groups and pid in self.backend.procs(group)
         record = self.store.group(group)
+        before = (record.memory_max_bytes, record.cpu_quota_cores)
         try:
             if str(pid) not in record.origins:
                 record.origins[str(pid)] = self.backend.where(pid)
@@ -77,9 +86,19 @@ class CgroupLeases:
             self.backend.set_memory_max(group, memory_bytes)
             self.backend.set_cpu_quota(group, quota_cores)
         except EnforceError as exc:
+            if placed:  # a resize refused: the group keeps the limits it had
+                log.warning("lease %d: limits not changed: %s", lease.id, exc)
+                memory_bytes, quota_cores = before
+                record.memory_max_bytes, record.cpu_quota_cores = before
+                self.store.save()
+                return {**self._how(group, memory_bytes, quota_cores), "error": str(exc)}
             log.warning("lease %d: not enforced: %s", lease.id, exc)
             self._undo(group)
             return {"how": "cooperative", "reason": str(exc)}
+        return self._how(group, memory_bytes, quota_cores)
+
+    @staticmethod
+    def _how(group: str, memory_bytes: int | None, quota_cores: float | None) -> dict[str, Any]:
         how: dict[str, Any] = {"how": "cgroup", "group": group}
         if memory_bytes is not None:
             how["memory_max_bytes"] = memory_bytes

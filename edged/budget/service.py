@@ -1,8 +1,19 @@
 """The budget methods of the socket (DESIGN section 6): the ledger behind a JSON-RPC face.
 
 ``budget.request``, ``budget.update``, ``budget.release``, ``budget.list`` and the
-notifications ``budget.granted`` (a queued request was granted) and ``budget.revoked`` (a
-lease's ttl ran out), pushed on the connection that holds the lease.
+notifications, pushed on the connection that holds the lease: ``budget.granted`` (a queued
+request was granted), ``budget.revoked`` (a lease's ttl ran out), ``budget.grow`` {lease,
+granted} (an elastic lease grew as capacity freed or idle budget was lent to it; also sent,
+with the grant unchanged, when a recall is called off because its lender left), and
+``budget.shrink`` {lease, target, deadline, reason} (from the strategy, reason ``pressure``;
+or reason ``reclaim``: a lender wants back what this lease borrowed, and at the deadline the
+grant goes down to ``target`` whether or not the client answered).
+
+Growth is enforced before it is announced: the lease's group limits are raised first, so a
+client may use its new grant as soon as ``budget.grow`` arrives. A reclaim lowers the limits at
+the deadline (a client that answered with ``budget.update`` to ``target`` in time had them
+lowered then). Each tick the daemon passes what lease holders use (:meth:`observe`: RSS, CPU
+cores, NVML's GPU memory) so that idle leases can lend and lenders can take back.
 
 Who may do what comes from the kernel (``Peer``: SO_PEERCRED), never from the message: a peer
 may ask for itself or for a process of its own uid, and see, resize and release the leases of
@@ -34,6 +45,7 @@ from edged.budget.ledger import (
     Granted,
     Lease,
     Ledger,
+    Lending,
     Queued,
 )
 from edged.config import Budget, parse_size_bytes
@@ -52,6 +64,12 @@ MAX_WAIT_S = 86400.0
 MAX_TTL_S = 30 * 86400.0
 MAX_PID = (1 << 22) + 1  # the kernel's PID_MAX_LIMIT is 4194304
 _BYTE_RESOURCES = ("memory", "gpu_memory")
+# the readings observe() takes per process, and the resource each measures
+_MEASURED = {
+    "process.memory.usage": "memory",
+    "process.cpu.utilization": "cpu",  # user and system, each in cores: summed
+    "hw.gpu.process.memory.usage": "gpu_memory",
+}
 
 
 class LeaseEnforcer(Protocol):
@@ -106,6 +124,17 @@ def capacity_of(
     return out, reserve
 
 
+def lending_of(budget: Budget) -> Lending | None:
+    """The ledger's lending settings from ``[budget]`` (None: ``lend = false``)."""
+    if not budget.lend:
+        return None
+    return Lending(
+        idle_after_s=budget.lend_idle_after_s,
+        idle_fraction=budget.lend_fraction,
+        notice_s=budget.reclaim_notice_s,
+    )
+
+
 class BudgetService:
     """The ledger, its timers, authorization and the notifications, for one daemon."""
 
@@ -114,12 +143,13 @@ class BudgetService:
         notify: Callable[[int, str, Any], bool],
         *,
         proc: Path = Path("/proc"),
-        watch: Callable[[int, str, str], bool] | None = None,
+        watch: Callable[[int, str, str], object] | None = None,
         unwatch: Callable[[int], None] | None = None,
         enforcer: LeaseEnforcer | None = None,
         clock: Callable[[], float] = time.monotonic,
+        lending: Lending | None = None,
     ) -> None:
-        self.ledger = Ledger({}, {}, clock)
+        self.ledger = Ledger({}, {}, clock, lending)
         self._clock = clock
         self._notify = notify
         self._proc = proc
@@ -144,6 +174,31 @@ class BudgetService:
         change = self.ledger.set_capacity(capacity, reserve)
         change.merge(self.ledger.expire())
         self._apply(change)
+
+    def configure(self, lending: Lending | None) -> None:
+        """Lending settings (start, reload). Turned off, every loan out is recalled (with
+        notice, as when its lender needs it)."""
+        self._apply(self.ledger.set_lending(lending))
+
+    def observe(self, readings: Iterable[Reading]) -> None:
+        """Each tick: what each lease's process uses (``process.memory.usage``, the
+        ``process.cpu.utilization`` readings summed as cores, ``hw.gpu.process.memory.usage``
+        summed over GPUs), for idle lending and recall. A lender whose use rose gets its loans
+        recalled (``budget.shrink`` reason ``reclaim`` to the borrowers)."""
+        if self.ledger.lending is None or not self.ledger.leases:
+            return
+        used: dict[int, dict[str, float]] = {}
+        for r in readings:
+            key = _MEASURED.get(r.metric)
+            pid = r.attributes.get("process.pid")
+            if key is None or not isinstance(pid, int):
+                continue
+            per = used.setdefault(pid, {})
+            per[key] = per.get(key, 0.0) + r.value
+        change = Change()
+        for lease in list(self.ledger.leases.values()):
+            change.merge(self.ledger.observe(lease.id, used.get(lease.target_pid, {})))
+        self._apply(change.current(self.ledger.leases))
 
     def check_gpu(self, readings: Iterable[Reading]) -> None:
         """GPU memory has no kernel lever, so a GPU-memory lease is cooperative; each tick,
@@ -247,6 +302,7 @@ class BudgetService:
             "leases": len(self.ledger.leases),
             "queued": len(self.ledger.queue),
             "available": _amounts(self.ledger.available()),
+            "lent": _amounts(self.ledger.borrowed_total()),
         }
 
     # ---- methods --------------------------------------------------------------------------
@@ -276,10 +332,11 @@ class BudgetService:
         target = params.get("pid", peer.pid)
         if isinstance(target, bool) or not isinstance(target, int) or not 0 < target < MAX_PID:
             raise _bad("pid must be a process id")
-        owner = self.uid_of(target)
+        # the peer itself: the kernel vouched for it at connect; another pid: /proc says whose
+        owner = peer.uid if target == peer.pid else self.uid_of(target)
         if owner is None:
             raise _bad(f"no process {target}")
-        if target == peer.pid and not peer.same_process():  # checked after reading its uid
+        if target == peer.pid and not peer.same_process():  # the pid may be reused by now
             raise _bad(f"no process {target}: the process that connected has exited")
         self._peers[peer.connection] = peer
         if owner != peer.uid and not admin:
@@ -333,9 +390,10 @@ class BudgetService:
         if resources is None and usage is None:
             raise _bad("budget.update needs resources and/or usage")
         new, change = self.ledger.update(lease.id, resources, usage)
-        if resources is not None and new.granted != lease.granted:
+        if new.granted != lease.granted:
             self._enforced[new.id] = self._enforce(new)
-        self._apply(change)
+        # the reply tells the caller its grant; no budget.grow for it on top
+        self._apply(change, answered=new.id)
         return {"lease": new.id, "granted": _amounts(new.granted)}
 
     async def release(self, peer: Peer, params: Mapping[str, Any]) -> Any:
@@ -367,6 +425,7 @@ class BudgetService:
             "capacity": _amounts(self.ledger.capacity),
             "reserve": _amounts(self.ledger.reserve),
             "available": _amounts(self.ledger.available()),
+            "lendable": _amounts(self.ledger.lendable()),
         }
 
     # ---- authorization --------------------------------------------------------------------
@@ -447,7 +506,8 @@ class BudgetService:
         if self._unwatch is not None and not still_held:
             self._unwatch(lease.target_pid)
 
-    def _apply(self, change: Change) -> None:
+    def _apply(self, change: Change, answered: int | None = None) -> None:
+        """Act on what the ledger did: lift, notify, answer waiting requests, enforce."""
         for lease in change.released:
             self._end(lease)
         for lease in change.revoked:
@@ -472,7 +532,8 @@ class BudgetService:
             if future is not None:
                 future.cancel()
         for granted in change.granted:
-            lease = granted.lease
+            # as it stands now: admitted, it may have grown in the same step
+            lease = self.ledger.leases.get(granted.lease.id, granted.lease)
             self._start(lease)
             result = self._grant_result(lease)
             if granted.queued is not None:
@@ -481,6 +542,49 @@ class BudgetService:
             future = self._waiting.pop(lease.id, None)
             if future is not None and not future.done():
                 future.set_result(result)
+        granted_now = {g.lease.id for g in change.granted}  # their grant says it already
+        for lease in change.reclaimed:
+            self._enforced[lease.id] = self._enforce(lease)
+            log.info(
+                "lease %d of pid %d: borrowed budget reclaimed, granted now %s",
+                lease.id,
+                lease.target_pid,
+                _amounts(lease.granted),
+            )
+        for lease in change.grown:
+            if lease.id in granted_now:
+                continue
+            # raised before it is told, so the client can use it at once
+            self._enforced[lease.id] = self._enforce(lease)
+            if lease.id != answered:
+                params = {"lease": lease.id, "granted": _amounts(lease.granted)}
+                self._notify(lease.connection, "budget.grow", params)
+        now_s = self._clock()
+        for recall in change.recalled:
+            borrower = self.ledger.leases.get(recall.lease.id)
+            recalled = self.ledger.recalled_of(recall.lease.id)
+            if borrower is None or not recalled:  # ended, or settled, in the same step
+                continue
+            lease = borrower
+            # from its grant as it stands now (it may have grown in the same step)
+            target = {key: lease.granted[key] - amount for key, amount in recalled.items()}
+            self._notify(
+                lease.connection,
+                "budget.shrink",
+                {
+                    "lease": lease.id,
+                    "target": _amounts(target),
+                    "deadline": round(max(0.0, recall.deadline_s - now_s), 3),
+                    "reason": "reclaim",
+                },
+            )
+            log.info(
+                "lease %d of pid %d: borrowed budget recalled, down to %s within %.1f s",
+                lease.id,
+                lease.target_pid,
+                _amounts(target),
+                recall.deadline_s - now_s,
+            )
         self._schedule()
 
     def _abandoned(self, ask: Ask) -> None:
@@ -532,6 +636,16 @@ class BudgetService:
         }
         if lease.deadline_s is not None:
             out["expires_in_s"] = round(max(0.0, lease.deadline_s - now_s), 3)
+        for name, amounts in (
+            ("lent", self.ledger.lent_by(lease.id)),  # of its grant, out on loan
+            ("borrowed", self.ledger.borrowed_by(lease.id)),  # of its grant, on loan
+            ("recalled", self.ledger.recalled_of(lease.id)),  # of that, to give back
+        ):
+            if amounts:
+                out[name] = _amounts(amounts)
+        measured = self.ledger.measured.get(lease.id)
+        if measured:
+            out["measured"] = _amounts(measured)
         if lease.gpu is not None:
             out["gpu"] = lease.gpu
         if lease.id in self._gpu_used:

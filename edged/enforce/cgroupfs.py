@@ -333,13 +333,14 @@ class CgroupV1(_Base):
         d = self._dir("memory", group)
         if limit_bytes is None:
             self._max_bytes.pop(group, None)
-        else:
-            self._max_bytes[group] = limit_bytes
-        # v1 reclaims down to a lowered limit and fails with EBUSY if it cannot
+        # v1 reclaims down to a lowered limit and fails with EBUSY if it cannot (the limit,
+        # and what is remembered of it, stay as they were)
         value = V1_UNLIMITED if limit_bytes is None else str(limit_bytes)
         if limit_bytes is not None:
             self._write(d / "memory.oom_control", "0", group)  # a hard limit is meant to kill
         self._write(d / "memory.limit_in_bytes", value, group)
+        if limit_bytes is not None:
+            self._max_bytes[group] = limit_bytes
 
     def set_cpu_quota(self, group: str, cores: float | None) -> None:
         d = self._dir("cpu", group)

@@ -111,24 +111,25 @@ class ProcessSensor(Sensor):
         self._known: set[int] = set()  # pids seen and judged (watched or not)
         self.watched: dict[int, Watched] = {}
         self._explicit: dict[int, tuple[str, str]] = {}  # pid -> (class, client)
+        self._to_watch: set[int] = set()  # explicit pids the next read starts sampling
 
-    def watch(self, pid: int, klass: str = "normal", client: str = "") -> bool:
-        """Sample ``pid`` from now on (a budget client). False if it does not exist."""
+    def watch(self, pid: int, klass: str = "normal", client: str = "") -> None:
+        """Sample ``pid`` from the next read on (a budget client), as ``klass`` and with
+        ``edged.client`` = ``client``. Its /proc files are opened by that read, not here: a
+        grant is answered without touching /proc, and a lease released before the next tick
+        costs nothing. A pid that is gone by then is simply not sampled."""
         self._explicit[pid] = (klass, client)
         existing = self.watched.get(pid)
         if existing is not None:
             existing.klass, existing.client = klass, client
             existing.attributes_changed()
-            return True
-        info = read_process_info(self._path(), pid)
-        if info is None:
-            return False
-        self._add(info, klass, client)
-        return True
+            return
+        self._to_watch.add(pid)
 
     def unwatch(self, pid: int) -> None:
         """Stop sampling a pid added with :meth:`watch` (rules may still match it)."""
         self._explicit.pop(pid, None)
+        self._to_watch.discard(pid)
         self._known.discard(pid)
         watched = self.watched.pop(pid, None)
         if watched is not None:
@@ -209,7 +210,22 @@ class ProcessSensor(Sensor):
                 continue
             self._add(info, self._classifier.classify(info) or "normal")
 
+    def _start_watching(self) -> None:
+        """Open the /proc files of the pids :meth:`watch` named since the last read."""
+        pending, self._to_watch = self._to_watch, set()
+        for pid in pending:
+            explicit = self._explicit.get(pid)
+            if explicit is None or pid in self.watched:
+                continue
+            info = read_process_info(self._path(), pid)
+            if info is None:  # gone before it was ever sampled
+                self._explicit.pop(pid, None)
+                continue
+            self._add(info, explicit[0], explicit[1])
+
     def read(self) -> list[Reading]:
+        if self._to_watch:
+            self._start_watching()
         now_s = self._clock()
         due = now_s >= self._next_scan_s
         if due:

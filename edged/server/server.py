@@ -10,6 +10,19 @@ A line that is not JSON gets a -32700 reply with ``"id": null`` and the connecti
 an oversized line gets an error reply and the connection is closed; neither affects other
 clients.
 
+Built for a daemon whose first job is its sampling cadence:
+
+* connections are :class:`asyncio.Protocol` objects, not stream tasks: the lines a read brings
+  are answered in that one callback, a handler's coroutine is stepped inline (all of the
+  daemon's handlers finish without suspending; one that suspends is finished in a task), and
+  the replies go out in one write. No task, timer or future per request.
+* :meth:`Server.hold` / :meth:`Server.release` bracket the tick: once its deadline has passed,
+  requests wait (their sockets unread) until the tick has run, so load on the socket delays a
+  tick by at most the one request being answered.
+* idle connections are found by one periodic sweep, not a timer per read.
+* a client that does not read its replies is not read from either (backpressure); one that
+  leaves more than :data:`MAX_UNREAD_BYTES` of notifications unread is disconnected.
+
 Peer identity is taken at accept: ``SO_PEERCRED`` (pid, uid, gid), and a pidfd of the peer's
 process where the kernel has ``SO_PEERPIDFD`` (Linux >= 6.5), else the process's start time
 from ``/proc/PID/stat``. Either one tells later whether the pid still names the process that
@@ -25,13 +38,14 @@ import errno
 import grp
 import itertools
 import logging
+import math
 import os
 import signal
 import socket
 import stat
 import struct
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Coroutine, Generator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +55,15 @@ from edged.server import protocol
 from edged.server.protocol import RpcError
 
 log = logging.getLogger(__name__)
+
+# replies and notifications a client has not read yet: past this the server stops reading its
+# requests (its own backpressure) ...
+WRITE_BUFFER_HIGH_BYTES = 256 * 1024
+# ... and past this (notifications keep coming) it is disconnected rather than buffered for
+MAX_UNREAD_BYTES = 4 * 1024 * 1024
+# replies to the lines of one read are written together, in pieces of about this size
+FLUSH_BYTES = 64 * 1024
+
 
 # Python 3.11's socket module has no name for it. 77 is its number in asm-generic/socket.h,
 # which x86, arm, arm64, riscv, powerpc, s390 and loongarch use; alpha, mips, parisc and sparc
@@ -132,7 +155,7 @@ class Deferred:
         self.future = future
 
 
-Handler = Callable[[Peer, Mapping[str, Any]], Awaitable[Any]]
+Handler = Callable[[Peer, Mapping[str, Any]], Coroutine[Any, Any, Any]]
 
 
 def peer_credentials(sock: socket.socket) -> Peer:
@@ -242,29 +265,36 @@ class Server:
         # a pidfd per peer where the kernel has SO_PEERPIDFD (False: start times only)
         self.pidfds = PidfdProbe(peer_pidfds)
         self.proc = proc  # where the fallback reads a peer's start time
-        self.clients: set[asyncio.StreamWriter] = set()
-        self._writers: dict[int, asyncio.StreamWriter] = {}
+        self.clients: dict[int, _Connection] = {}  # connection number -> connection
         self._numbers = itertools.count(1)
         self._server: asyncio.AbstractServer | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()  # handlers that suspended
         self.closing = False
+        # the sampling tick's next deadline (loop time), set by the daemon: from then until
+        # :meth:`release` the server reads no more requests, so that a busy socket delays the
+        # tick by at most the request being answered (see :meth:`hold`)
+        self.tick_due_s = math.inf
+        self._held: set[_Connection] = set()
 
     async def start(self, sock: socket.socket) -> None:
         sock.setblocking(False)
-        self._server = await asyncio.start_unix_server(
-            self._serve, sock=sock, limit=self.max_line_bytes + 1
-        )
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._server = await loop.create_unix_server(lambda: _Connection(self), sock=sock)
+        self._sweep_later()
 
     async def close(self) -> None:
         self.closing = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         if self._server is not None:
             self._server.close()
-        for writer in list(self.clients):
+        shutdown = protocol.encode_notification("shutdown", {"code": protocol.SHUTTING_DOWN})
+        for conn in list(self.clients.values()):
             with contextlib.suppress(OSError, RuntimeError):
-                writer.write(
-                    protocol.encode_notification("shutdown", {"code": protocol.SHUTTING_DOWN})
-                )
-            writer.close()
+                conn.close_with(shutdown)
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -274,155 +304,101 @@ class Server:
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
 
     def notify(self, connection: int, method: str, params: Any) -> bool:
-        """Push a notification on a connection; False if it is gone. Not awaited: messages
-        are small and a client that does not read will be closed by the kernel's buffer
-        limits long before it matters."""
-        writer = self._writers.get(connection)
-        if writer is None or writer.is_closing():
+        """Push a notification on a connection; False if it is gone."""
+        return self.send(connection, protocol.encode_notification(method, params))
+
+    def send(self, connection: int, data: bytes) -> bool:
+        """Push encoded line(s) on a connection; False if it is gone. A client that leaves
+        more than :data:`MAX_UNREAD_BYTES` unread is disconnected rather than buffered for."""
+        conn = self.clients.get(connection)
+        if conn is None or conn.transport is None:
             return False
-        try:
-            writer.write(protocol.encode_notification(method, params))
-        except (OSError, RuntimeError):
-            return False
-        return True
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        number = next(self._numbers)
-        pending: set[asyncio.Task[None]] = set()
-        peer: Peer | None = None
-        try:
-            peer = self._identify(writer, number)
-            await self._connection(reader, writer, peer, pending)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        except asyncio.CancelledError:
-            pass
-        finally:
-            self._tasks.discard(task)
-            self.clients.discard(writer)
-            self._writers.pop(number, None)
-            writer.close()
-            for waiting in pending:
-                waiting.cancel()
-            if self.on_close is not None:
-                try:
-                    self.on_close(number)
-                except Exception:  # a hook bug must not take the server down
-                    log.exception("close hook for connection %d failed", number)
-            if peer is not None and peer.process is not None:
-                peer.process.close()
-
-    def _identify(self, writer: asyncio.StreamWriter, number: int) -> Peer:
-        """The peer of a new connection: SO_PEERCRED, and its process (a pidfd, else its
-        start time read now)."""
-        sock = writer.get_extra_info("socket")
-        creds = peer_credentials(sock)
-        pidfd = self.pidfds.pidfd(sock)
-        ticks = None if pidfd is not None else read_start_ticks(creds.pid, self.proc)
-        process = PeerProcess(creds.pid, pidfd, ticks, self.proc)
-        return Peer(creds.pid, creds.uid, creds.gid, connection=number, process=process)
-
-    async def _connection(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        peer: Peer,
-        pending: set[asyncio.Task[None]],
-    ) -> None:
-        number = peer.connection
-        if len(self.clients) >= self.max_clients:
-            writer.write(
-                protocol.encode_error(
-                    None, protocol.TOO_MANY, f"too many clients (max {self.max_clients})"
-                )
+        if conn.transport.get_write_buffer_size() > MAX_UNREAD_BYTES:
+            log.warning(
+                "connection %d (pid %d) leaves %d bytes unread; closing it",
+                connection,
+                conn.peer.pid if conn.peer else 0,
+                conn.transport.get_write_buffer_size(),
             )
-            await writer.drain()
+            conn.transport.abort()  # a flush would wait on the very reader that stalls
+            conn._end()
+            return False
+        return conn.write(data)
+
+    # ---- the sampling tick comes first ----------------------------------------------------
+
+    def loop_time(self) -> float:
+        loop = self._loop
+        return loop.time() if loop is not None else 0.0
+
+    def hold(self, deadline_s: float) -> None:
+        """The tick is due at ``deadline_s`` (loop time): requests that arrive after it wait
+        for :meth:`release`. Without this, every connection with a request ready in the loop
+        iteration in which the deadline passes would be answered before the tick's timer runs
+        (asyncio runs the I/O callbacks of an iteration before its due timers)."""
+        self.tick_due_s = deadline_s
+
+    def release(self) -> None:
+        """The tick is done: answer what waited for it."""
+        self.tick_due_s = math.inf
+        held, self._held = self._held, set()
+        for conn in held:
+            conn._held = False
+            if not conn.closed:
+                conn._serve()
+
+    def _hold(self, conn: _Connection) -> None:
+        conn._held = True
+        self._held.add(conn)
+
+    # ---- idle connections -----------------------------------------------------------------
+
+    def _sweep_later(self) -> None:
+        if self._loop is None or self.closing or not math.isfinite(self.idle_timeout_s):
             return
-        self.clients.add(writer)
-        self._writers[number] = writer
-        burst = 2.0 * self.max_requests_per_s
-        tokens, refilled_s = burst, self.clock()
-        while not self.closing:
-            try:
-                # a partial line stays in the reader's buffer across a timeout
-                line = await asyncio.wait_for(reader.readuntil(b"\n"), self.idle_timeout_s)
-            except asyncio.TimeoutError:
-                if self.holds is not None and self.holds(number):
-                    continue
-                message = f"idle for {self.idle_timeout_s:g} s holding nothing; closing"
-                writer.write(protocol.encode_error(None, protocol.TOO_MANY, message))
-                await writer.drain()
-                return
-            except asyncio.LimitOverrunError:
-                line = b""  # over the limit: the stream holds no whole line we may read
-                oversized = True
-            except asyncio.IncompleteReadError:
-                return  # EOF (a partial last line without newline is dropped)
-            else:
-                oversized = len(line) > self.max_line_bytes + 1
-            if oversized:
-                message = f"line longer than {self.max_line_bytes} bytes; closing"
-                writer.write(protocol.encode_error(None, protocol.INVALID_REQUEST, message))
-                await writer.drain()
-                return
-            if not line.strip():
-                continue
-            now_s = self.clock()
-            tokens = min(burst, tokens + (now_s - refilled_s) * self.max_requests_per_s)
-            refilled_s = now_s
-            if tokens < 1.0:
-                rid = protocol.request_id_of(line)
-                message = f"more than {self.max_requests_per_s:g} requests per second"
-                writer.write(protocol.encode_error(rid, protocol.TOO_MANY, message))
-                await writer.drain()
-                continue
-            tokens -= 1.0
-            reply = await self._dispatch(peer, line)
-            if isinstance(reply, tuple):  # deferred: answered by a task when ready
-                rid, deferred = reply
-                later = asyncio.ensure_future(self._answer_later(writer, rid, deferred))
-                pending.add(later)
-                later.add_done_callback(pending.discard)
-                continue
-            if reply:
-                writer.write(reply)
-                await writer.drain()
+        period_s = min(max(self.idle_timeout_s / 4.0, 0.05), 30.0)
+        self._sweeper = self._loop.call_later(period_s, self._sweep)
 
-    async def _answer_later(
-        self, writer: asyncio.StreamWriter, rid: protocol.RequestId, deferred: Deferred
-    ) -> None:
-        try:
-            result = await deferred.future
-        except RpcError as exc:
-            reply = protocol.encode_error(rid, exc.code, exc.message, exc.data)
-        except asyncio.CancelledError:
-            deferred.future.cancel()
-            raise
-        except Exception:
-            log.exception("a deferred reply failed")
-            reply = protocol.encode_error(rid, protocol.INTERNAL_ERROR, "internal error")
-        else:
-            reply = protocol.encode_result(rid, result)
-        if not writer.is_closing():
-            with contextlib.suppress(OSError, RuntimeError):
-                writer.write(reply)
+    def _sweep(self) -> None:
+        """Close connections that sent no whole line for ``idle_timeout_s`` and hold nothing:
+        one timer for all connections, not one per request."""
+        now_s = self.clock()
+        for number, conn in list(self.clients.items()):
+            if now_s - conn.last_line_s < self.idle_timeout_s or conn._pending:
+                continue
+            if self.holds is not None and self.holds(number):
+                continue
+            message = f"idle for {self.idle_timeout_s:g} s holding nothing; closing"
+            conn.close_with(protocol.encode_error(None, protocol.TOO_MANY, message))
+        self._sweep_later()
 
-    async def _dispatch(
-        self, peer: Peer, line: bytes
-    ) -> bytes | tuple[protocol.RequestId, Deferred] | None:
+    # ---- requests -------------------------------------------------------------------------
+
+    def _dispatch(self, conn: _Connection, line: bytes) -> bytes | None:
+        """The reply to one line (None for a notification or a reply that comes later)."""
+        peer = conn.peer
+        assert peer is not None
         rid: protocol.RequestId = None
+        has_id = True
         try:
             request = protocol.parse_request(line)
-            rid = request.id
+            rid, has_id = request.id, request.has_id
             handler = self.methods.get(request.method)
             if handler is None:
                 raise RpcError(protocol.METHOD_NOT_FOUND, f"no such method: {request.method}")
             if self.closing:
                 raise RpcError(protocol.SHUTTING_DOWN, "edged is shutting down")
-            result = await handler(peer, request.params or {})
+            coro = handler(peer, request.params or {})
+            try:
+                suspended_on = coro.send(None)
+            except StopIteration as done:
+                result = done.value
+            else:  # the handler awaits something: finish it in a task, answer from there
+                _unblock(suspended_on)
+                task = asyncio.ensure_future(_finish(coro, suspended_on))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+                result = Deferred(task)
         except RpcError as exc:
             if isinstance(exc.data, dict) and "id" in exc.data and rid is None:
                 rid = exc.data["id"]
@@ -434,7 +410,271 @@ class Server:
             log.exception("handler for a request from pid %d failed", peer.pid)
             return protocol.encode_error(rid, protocol.INTERNAL_ERROR, "internal error")
         if isinstance(result, Deferred):
-            return (rid, result) if request.has_id else None
-        if not request.has_id:
+            if has_id:
+                conn.defer(rid, result)
+            return None
+        if not has_id:
             return None  # a notification gets no reply
         return protocol.encode_result(rid, result)
+
+
+class _Resume:
+    """Yields the future a handler coroutine suspended on to the task that finishes it."""
+
+    def __init__(self, future: Any) -> None:
+        self.future = future
+
+    def __await__(self) -> Generator[Any, None, None]:
+        if asyncio.isfuture(self.future):
+            self.future._asyncio_future_blocking = True  # as the handler's await left it
+        yield self.future
+
+
+def _unblock(future: Any) -> None:
+    """A future yields itself with ``_asyncio_future_blocking`` set, and a task clears the flag
+    when it takes the future over. Stepping a coroutine by hand, we clear it ourselves: another
+    handler awaiting the same future before our task runs would otherwise be refused
+    ("await wasn't used with future")."""
+    if asyncio.isfuture(future):
+        future._asyncio_future_blocking = False
+
+
+async def _finish(coro: Coroutine[Any, Any, Any], suspended_on: Any) -> Any:
+    """Run a handler coroutine to its end after its first step ran inline in
+    :meth:`Server._dispatch` and suspended on ``suspended_on``: the task waits on that future
+    as the coroutine would have, then steps the coroutine on (throwing in a cancellation)."""
+    while True:
+        try:
+            await _Resume(suspended_on)
+        except BaseException as exc:  # cancelled while waiting: the handler sees it
+            try:
+                suspended_on = coro.throw(exc)
+            except StopIteration as done:
+                return done.value
+            _unblock(suspended_on)
+            continue
+        try:
+            suspended_on = coro.send(None)
+        except StopIteration as done:
+            return done.value
+        _unblock(suspended_on)
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: framing, rate limit, dispatch, replies, close.
+
+    A protocol object rather than a stream-reader task: the event loop calls
+    :meth:`data_received` with what the socket had, and every whole line in it is answered in
+    that one callback (handlers that do not suspend run inline), the replies written with one
+    ``write``. No task, future or timer per request: that is most of what a request costs in
+    asyncio streams, and what lets the server keep up without crowding the sampling tick.
+    """
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.number = next(server._numbers)
+        self.peer: Peer | None = None
+        self.transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._scanned = 0  # bytes of the buffer already searched for a newline
+        burst = 2.0 * server.max_requests_per_s
+        self._burst = burst
+        self._tokens = burst
+        self._refilled_s = server.clock()
+        self.last_line_s = self._refilled_s  # for the idle sweep
+        self._reading_paused = False
+        self._held = False  # its lines wait for the sampling tick (see Server.hold)
+        self._write_blocked = False  # paused because the client does not read its replies
+        self._pending: set[asyncio.Future[Any]] = set()  # deferred replies not yet written
+        self.closed = False
+
+    # ---- asyncio.Protocol -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        server = self.server
+        sock = transport.get_extra_info("socket")
+        try:
+            creds = peer_credentials(sock)
+        except OSError:  # gone before we asked: nothing to serve
+            self.closed = True
+            transport.abort()
+            return
+        self.peer = Peer(pid=creds.pid, uid=creds.uid, gid=creds.gid, connection=self.number)
+        if len(server.clients) >= server.max_clients or server.closing:
+            message = f"too many clients (max {server.max_clients})"
+            code = protocol.TOO_MANY
+            if server.closing:
+                message, code = "edged is shutting down", protocol.SHUTTING_DOWN
+            transport.write(protocol.encode_error(None, code, message))
+            self.closed = True  # never registered: no close hook for it
+            transport.close()
+            return
+        server.clients[self.number] = self
+        # the peer's process: a pidfd (closed in _end), else its start time read now
+        pidfd = server.pidfds.pidfd(sock)
+        ticks = None if pidfd is not None else read_start_ticks(creds.pid, server.proc)
+        process = PeerProcess(creds.pid, pidfd, ticks, server.proc)
+        self.peer = Peer(creds.pid, creds.uid, creds.gid, connection=self.number, process=process)
+        transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH_BYTES)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self._buffer += data
+        if self._held:  # waiting for the tick: answered by Server.release
+            self._update_reading()
+            return
+        self._serve()
+
+    def eof_received(self) -> bool:
+        # the client shut down its side: whole lines were answered, a partial one is dropped;
+        # a lease dies with its connection, so this is its end as much as a close
+        self._end()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end()
+
+    def pause_writing(self) -> None:
+        # the client does not read its replies: stop reading its requests until it does
+        self._write_blocked = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._write_blocked = False
+        self._update_reading()
+        if not self._held:
+            self._serve()
+
+    # ---- serving --------------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        """Answer every whole line in the buffer, unless the tick is due or the client is not
+        reading (then the rest waits, its socket unread: backpressure, not buffering)."""
+        server = self.server
+        replies: list[bytes] = []
+        pending_bytes = 0
+        buffer = self._buffer
+        while not self.closed:
+            if self._write_blocked:
+                break
+            if server.loop_time() >= server.tick_due_s:
+                server._hold(self)
+                break
+            end = buffer.find(b"\n", self._scanned)
+            if end < 0:
+                if len(buffer) > server.max_line_bytes:
+                    self._fatal(replies, f"line longer than {server.max_line_bytes} bytes")
+                    return
+                self._scanned = len(buffer)
+                break
+            if end > server.max_line_bytes:
+                self._fatal(replies, f"line longer than {server.max_line_bytes} bytes")
+                return
+            line = bytes(buffer[: end + 1])
+            del buffer[: end + 1]
+            self._scanned = 0
+            self.last_line_s = now_s = server.clock()
+            if not line.strip():
+                continue
+            self._tokens = min(
+                self._burst, self._tokens + (now_s - self._refilled_s) * server.max_requests_per_s
+            )
+            self._refilled_s = now_s
+            if self._tokens < 1.0:
+                rid = protocol.request_id_of(line)
+                message = f"more than {server.max_requests_per_s:g} requests per second"
+                replies.append(protocol.encode_error(rid, protocol.TOO_MANY, message))
+                continue
+            self._tokens -= 1.0
+            reply = server._dispatch(self, line)
+            if reply:
+                replies.append(reply)
+                pending_bytes += len(reply)
+                if pending_bytes >= FLUSH_BYTES:  # one read can hold thousands of requests
+                    self.write(b"".join(replies))  # may call pause_writing: the loop stops
+                    replies.clear()
+                    pending_bytes = 0
+        if replies:
+            self.write(b"".join(replies))
+        self._update_reading()
+
+    def _fatal(self, replies: list[bytes], message: str) -> None:
+        """An oversized line: what was answered, then an error, then the connection ends."""
+        replies.append(protocol.encode_error(None, protocol.INVALID_REQUEST, f"{message}; closing"))
+        self.close_with(b"".join(replies))
+
+    def close_with(self, data: bytes) -> None:
+        """Write ``data`` (flushed before the socket closes) and end the connection."""
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+            self.transport.close()
+        self._end()
+
+    def _update_reading(self) -> None:
+        if self.transport is None or self.closed:
+            return
+        # held for the tick: keep reading (a pause and resume are two epoll_ctl calls per
+        # connection per tick) unless the client keeps writing past a line's worth
+        held_full = self._held and len(self._buffer) > self.server.max_line_bytes
+        want_paused = held_full or self._write_blocked
+        if want_paused and not self._reading_paused:
+            self.transport.pause_reading()
+            self._reading_paused = True
+        elif not want_paused and self._reading_paused:
+            self.transport.resume_reading()
+            self._reading_paused = False
+
+    def write(self, data: bytes) -> bool:
+        """Write a reply or notification; False when the connection is gone."""
+        if self.closed or self.transport is None or self.transport.is_closing():
+            return False
+        self.transport.write(data)
+        return True
+
+    def defer(self, rid: protocol.RequestId, deferred: Deferred) -> None:
+        """Write the deferred reply when its future is done (cancelled if we close first)."""
+        future = deferred.future
+        self._pending.add(future)
+
+        def done(f: asyncio.Future[Any]) -> None:
+            self._pending.discard(f)
+            if f.cancelled():
+                return
+            exc = f.exception()
+            if isinstance(exc, RpcError):
+                reply = protocol.encode_error(rid, exc.code, exc.message, exc.data)
+            elif exc is not None:
+                log.error("a deferred reply failed", exc_info=exc)
+                reply = protocol.encode_error(rid, protocol.INTERNAL_ERROR, "internal error")
+            else:
+                result = f.result()
+                if isinstance(result, Deferred):  # a suspended handler that deferred in turn
+                    self.defer(rid, result)
+                    return
+                reply = protocol.encode_result(rid, result)
+            self.write(reply)
+
+        future.add_done_callback(done)
+
+    def _end(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        server = self.server
+        server.clients.pop(self.number, None)
+        server._held.discard(self)
+        if self.transport is not None:
+            self.transport.close()
+        for future in list(self._pending):
+            future.cancel()
+        self._pending.clear()
+        if server.on_close is not None:
+            try:
+                server.on_close(self.number)
+            except Exception:  # a hook bug must not take the server down
+                log.exception("close hook for connection %d failed", self.number)
+        if self.peer is not None and self.peer.process is not None:
+            self.peer.process.close()
