@@ -248,11 +248,8 @@ class Daemon:
             gpus=lever,
             units=units,
         )
-        if backend is not None and not enforcer.dry_run:
-            from edged.budget.enforce import CgroupLeases
-
-            # a lease's process gets its own group with the granted memory and CPU
-            self.budgets.enforcer = CgroupLeases(backend, store)
+        if not enforcer.dry_run:
+            self._choose_lease_enforcer(units, backend, store)
         alerts = AlertTracker(cfg.alerts.for_s, cfg.alerts.critical_for_s)
         self.controller = Controller(
             strategy,
@@ -272,6 +269,33 @@ class Daemon:
             f" on cgroup {self.scope_path}" if self.scope_path else "",
             " (dry run: acting on nothing)" if enforcer.dry_run else "",
         )
+
+    def _choose_lease_enforcer(self, units: Any, backend: Any, store: Any) -> None:
+        """A lease's process gets its own group with the granted memory and CPU: a transient
+        systemd scope where PID 1 is systemd and its bus answers (with ``[enforce] backend =
+        "systemd"`` even when it does not answer now: each lease then says why it is not
+        enforced), else an edged cgroup (cgroupfs), else nothing (cooperative)."""
+        from edged.budget.enforce import CgroupLeases, ScopeLeases
+        from edged.enforce.signals import EnforceError
+
+        if units is not None:
+            try:
+                units.ping()
+            except EnforceError as exc:
+                if self.config.enforce.backend == "systemd":
+                    log.warning("systemd does not answer on %s (%s)", units.address, exc)
+                else:
+                    log.warning(
+                        "systemd does not answer on %s (%s): leases go to cgroups instead",
+                        units.address,
+                        exc,
+                    )
+                    units = None
+        if units is not None:
+            self.budgets.enforcer = ScopeLeases(units, store)
+            log.info("budget leases are enforced as systemd scopes")
+        elif backend is not None:
+            self.budgets.enforcer = CgroupLeases(backend, store)
 
     def _lock_state(self, directory: Path) -> bool:
         """Hold an exclusive lock on the state directory for the daemon's lifetime.

@@ -7,18 +7,31 @@ error names systemd uses (``org.freedesktop.systemd1(5)``; errors from systemd's
 ``bus-common-errors.h``). **The bus is real**: :func:`start_bus` runs Debian's ``dbus-daemon``
 on a temporary socket, so every message is marshalled, routed and authenticated as it would be
 on the system bus, and the fake checks the signature of every call it receives.
+
+Transient scopes (``StartTransientUnit``, ``AbandonScope``) are checked as systemd checks them
+(``src/core/dbus-manager.c`` ``transient_unit_from_message``, ``dbus-unit.c``
+``bus_unit_set_properties``, ``unit.c`` ``unit_pid_attachable``): a name that is not a valid
+unit name or type is ``InvalidArgs``; a name already loaded is ``UnitExists``; an unknown
+property is ``PropertyReadOnly`` ("Cannot set property %s, or unknown property."); a pid that
+does not exist is ``UnixProcessIdUnknown``, pid 1 ``InvalidArgs``. The reply is a job path,
+and the job's end is announced as systemd does, by the manager's ``JobRemoved`` signal. A
+value of the wrong D-Bus type is ``InvalidArgs`` here (systemd's reader fails with an errno of
+its own; the name differs, the refusal does not).
 """
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import subprocess
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jeepney import HeaderFields, MessageType, new_error, new_method_return
+from jeepney import DBusAddress, HeaderFields, MessageType, new_error, new_method_return, new_signal
 from jeepney.bus_messages import message_bus
 from jeepney.io.blocking import open_dbus_connection
 
@@ -32,11 +45,44 @@ SIGNATURES = {
     "FreezeUnit": "s",
     "ThawUnit": "s",
     "Get": "ss",
+    "StartTransientUnit": "ssa(sv)a(sa(sv))",
+    "AbandonScope": "s",
+    "Ping": "",
 }
+# the properties a transient scope accepts here, with their D-Bus types (systemd accepts many
+# more; edged sends only these)
+SCOPE_PROPERTIES = {
+    "PIDs": "au",
+    "Description": "s",
+    "Slice": "s",
+    "CollectMode": "s",
+    "MemoryMax": "t",
+    "MemoryHigh": "t",
+    "CPUQuotaPerSecUSec": "t",
+}
+CGROUP_PROPERTIES = ("MemoryMax", "MemoryHigh", "CPUQuotaPerSecUSec")
+JOB_MODES = ("replace", "fail", "isolate", "ignore-dependencies", "ignore-requirements", "flush")
+# unit_name_is_valid(): a prefix of [a-zA-Z0-9:_.\\-] (and @ for instances), a known type suffix
+UNIT_NAME = re.compile(r"^[A-Za-z0-9:_.\\-]+(@[A-Za-z0-9:_.\\-]*)?\.([a-z]+)$")
+UNIT_TYPES = frozenset(
+    ("service", "socket", "target", "device", "mount", "automount", "swap", "timer", "path")
+) | {"slice", "scope"}
 TYPE_INTERFACES = {
     "service": "org.freedesktop.systemd1.Service",
     "scope": "org.freedesktop.systemd1.Scope",
 }
+
+
+@dataclass
+class Scope:
+    """A transient scope the fake started: what it was asked for, and its state (``running``
+    or ``abandoned``)."""
+
+    pids: list[int]
+    description: str = ""
+    slice: str = ""
+    collect_mode: str = "inactive"
+    state: str = "running"
 
 
 def dbus_daemon() -> str | None:
@@ -92,13 +138,15 @@ def escape(unit: str) -> str:
 
 @dataclass
 class Call:
-    """One method call the fake received: member, signature and body as sent."""
+    """One method call the fake received: member, signature and body as sent, and when it
+    arrived (``time.monotonic()``)."""
 
     member: str
     signature: str
     body: tuple[Any, ...]
     interface: str = ""
     path: str = ""
+    at_s: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -110,6 +158,11 @@ class FakeManager:
     ``deny`` answer ``org.freedesktop.DBus.Error.AccessDenied`` (as polkit does for an
     unprivileged caller); ``freeze_supported`` False answers FreezeUnit/ThawUnit with
     ``UnknownMethod`` (systemd < 246). Every call is appended to ``calls``.
+
+    ``scopes`` holds the transient scopes started (their pids are moved to them in ``pids``,
+    as systemd moves them); ``slices`` maps a unit to its ``Slice``; ``job_result`` is the
+    result the next start jobs end with (``done``; ``failed`` as when the process exits
+    before the job runs).
     """
 
     address: str
@@ -119,14 +172,24 @@ class FakeManager:
     deny: set[str] = field(default_factory=set)
     freeze_supported: bool = True
     calls: list[Call] = field(default_factory=list)
+    scopes: dict[str, Scope] = field(default_factory=dict)
+    slices: dict[str, str] = field(default_factory=dict)
+    job_result: str = "done"
+    _jobs: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
     def add_unit(
-        self, name: str, *pids: int, memory_high: int = UINT64_MAX, cpu_quota: int = UINT64_MAX
+        self,
+        name: str,
+        *pids: int,
+        memory_high: int = UINT64_MAX,
+        cpu_quota: int = UINT64_MAX,
+        slice: str = "system.slice",
     ) -> None:
-        """A loaded unit holding ``pids``, with its current limits."""
+        """A loaded unit holding ``pids``, with its current limits and slice."""
         self.units[name] = {"MemoryHigh": memory_high, "CPUQuotaPerSecUSec": cpu_quota}
+        self.slices[name] = slice
         for pid in pids:
             self.pids[pid] = name
 
@@ -155,7 +218,24 @@ class FakeManager:
                     continue
                 if msg.header.message_type != MessageType.method_call:
                     continue
-                conn.send(self._answer(msg))
+                reply = self._answer(msg)
+                conn.send(reply)
+                if reply.header.message_type == MessageType.method_return and (
+                    self.calls[-1].member == "StartTransientUnit"
+                ):
+                    # the job runs after the reply, as in systemd: JobRemoved(u, o, s, s)
+                    (job,) = reply.body
+                    conn.send(
+                        new_signal(
+                            DBusAddress(
+                                "/org/freedesktop/systemd1",
+                                interface="org.freedesktop.systemd1.Manager",
+                            ),
+                            "JobRemoved",
+                            "uoss",
+                            (self._jobs, job, self.calls[-1].body[0], self.job_result),
+                        )
+                    )
         finally:
             conn.close()
 
@@ -183,8 +263,12 @@ class FakeManager:
             return new_error(
                 msg, "org.freedesktop.DBus.Error.AccessDenied", "s", ("Access denied",)
             )
+        if call.member == "Ping":
+            return new_method_return(msg)
         if call.member == "Get":
             return self._get(msg, call)
+        if call.member == "StartTransientUnit":
+            return self._start_transient(msg, call)
         if call.member == "GetUnitByPID":
             (pid,) = call.body
             unit = self.pids.get(pid)
@@ -203,6 +287,19 @@ class FakeManager:
             )
         if call.member == "GetUnit":
             return new_method_return(msg, "o", (UNIT_PREFIX + escape(name),))
+        if call.member == "AbandonScope":
+            scope = self.scopes.get(name)
+            if scope is None:
+                return _invalid(msg, f"Unit {name} is not a scope unit.")
+            if scope.state != "running":
+                return new_error(
+                    msg,
+                    "org.freedesktop.systemd1.ScopeNotRunning",
+                    "s",
+                    (f"Scope {name} is not running, cannot abandon.",),
+                )
+            scope.state = "abandoned"
+            return new_method_return(msg)
         if call.member in ("FreezeUnit", "ThawUnit"):
             if not self.freeze_supported:
                 return new_error(
@@ -217,6 +314,75 @@ class FakeManager:
             self.units[name][prop] = value
         return new_method_return(msg)
 
+    def _start_transient(self, msg: Any, call: Call) -> Any:
+        """StartTransientUnit(s name, s mode, a(sv) properties, a(sa(sv)) aux) -> o job, for
+        scopes, refused as systemd refuses (see the module docstring)."""
+        name, mode, properties, aux = call.body
+        match = UNIT_NAME.match(name)
+        if match is None or match.group(2) not in UNIT_TYPES or len(name) > 255:
+            return _invalid(msg, f"Invalid unit name or type: {name}")
+        if match.group(2) != "scope":
+            return new_error(
+                msg, "org.freedesktop.DBus.Error.NotSupported", "s", ("fake: scopes only",)
+            )
+        if mode not in JOB_MODES:
+            return _invalid(msg, f"Job mode {mode} invalid.")
+        if name in self.units:
+            return new_error(
+                msg, "org.freedesktop.systemd1.UnitExists", "s", (f"Unit {name} already exists.",)
+            )
+        if aux:
+            return _invalid(msg, "fake: no auxiliary units")
+        scope = Scope(pids=[])
+        limits = {prop: UINT64_MAX for prop in CGROUP_PROPERTIES}
+        for prop, (signature, value) in properties:
+            expected = SCOPE_PROPERTIES.get(prop)
+            if expected is None:
+                return new_error(
+                    msg,
+                    "org.freedesktop.DBus.Error.PropertyReadOnly",
+                    "s",
+                    (f"Cannot set property {prop}, or unknown property.",),
+                )
+            if signature != expected:
+                return _invalid(msg, f"{prop} wants {expected}, got {signature}")
+            if prop == "PIDs":
+                if not value:
+                    return _invalid(msg, "PIDs: none given")
+                for pid in value:
+                    if pid in (0, 1):
+                        return _invalid(msg, f"Process {pid} is a manager process, refusing.")
+                    if not os.path.exists(f"/proc/{pid}"):
+                        return new_error(
+                            msg,
+                            "org.freedesktop.DBus.Error.UnixProcessIdUnknown",
+                            "s",
+                            (f"Process with ID {pid} does not exist.",),
+                        )
+                scope.pids.extend(value)
+            elif prop == "Description":
+                scope.description = value
+            elif prop == "Slice":
+                if not value.endswith(".slice"):
+                    return _invalid(msg, f"Unit name '{value}' is not a slice.")
+                scope.slice = value
+            elif prop == "CollectMode":
+                if value not in ("inactive", "inactive-or-failed"):
+                    return _invalid(msg, f"Invalid collect mode: {value}")
+                scope.collect_mode = value
+            else:
+                limits[prop] = value
+        if not scope.pids:
+            return _invalid(msg, f"Scope {name} has no PIDs. Refusing.")
+        self._jobs += 1
+        if self.job_result == "done":
+            self.units[name] = limits
+            self.scopes[name] = scope
+            self.slices[name] = scope.slice or "system.slice"
+            for pid in scope.pids:
+                self.pids[pid] = name
+        return new_method_return(msg, "o", (f"/org/freedesktop/systemd1/job/{self._jobs}",))
+
     def _get(self, msg: Any, call: Call) -> Any:
         interface, prop = call.body
         path = call.path
@@ -227,6 +393,12 @@ class FakeManager:
             return new_method_return(msg, "v", (("s", unit),))
         if interface == TYPE_INTERFACES.get(unit.rpartition(".")[2]) and prop in self.units[unit]:
             return new_method_return(msg, "v", (("t", self.units[unit][prop]),))
+        if interface == TYPE_INTERFACES.get(unit.rpartition(".")[2]) and prop == "Slice":
+            return new_method_return(msg, "v", (("s", self.slices.get(unit, "")),))
         return new_error(
             msg, "org.freedesktop.DBus.Error.UnknownProperty", "s", (f"{interface}.{prop}",)
         )
+
+
+def _invalid(msg: Any, text: str) -> Any:
+    return new_error(msg, "org.freedesktop.DBus.Error.InvalidArgs", "s", (text,))

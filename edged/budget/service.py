@@ -159,6 +159,7 @@ class BudgetService:
         self._enforced: dict[int, dict[str, Any]] = {}  # lease -> how it is enforced
         self._waiting: dict[int, asyncio.Future[Any]] = {}  # ask id -> its deferred reply
         self._names: dict[int, str] = {}  # connection -> the client name it gave in hello
+        self._peers: dict[int, Peer] = {}  # connection -> its peer (pid identity checks)
         self._timer: asyncio.TimerHandle | None = None
         self._gpu_used: dict[int, float] = {}  # lease -> bytes NVML says its process uses
         try:
@@ -278,6 +279,7 @@ class BudgetService:
         """The server's close hook: the connection's leases and queued requests end now."""
         self._names.pop(connection, None)
         self._apply(self.ledger.close(connection))
+        self._peers.pop(connection, None)
 
     def close(self) -> None:
         """Shutdown: every lease is released (and its enforcement lifted)."""
@@ -334,6 +336,9 @@ class BudgetService:
         owner = peer.uid if target == peer.pid else self.uid_of(target)
         if owner is None:
             raise _bad(f"no process {target}")
+        if target == peer.pid and not peer.same_process():  # the pid may be reused by now
+            raise _bad(f"no process {target}: the process that connected has exited")
+        self._peers[peer.connection] = peer
         if owner != peer.uid and not admin:
             raise RpcError(
                 protocol.PERMISSION_DENIED,
@@ -476,6 +481,13 @@ class BudgetService:
         self._enforced[lease.id] = self._enforce(lease)
 
     def _enforce(self, lease: Lease) -> dict[str, Any]:
+        peer = self._peers.get(lease.connection)
+        if peer is not None and lease.target_pid == peer.pid and not peer.same_process():
+            # granted from the queue after the client's process exited: its pid may name
+            # another process by now, which must not be put under the lease's limits
+            reason = f"process {lease.target_pid} has exited"
+            log.warning("lease %d not enforced: %s", lease.id, reason)
+            return {"how": "cooperative", "reason": reason}
         try:
             return self.enforcer.apply(lease)
         except OSError as exc:  # the lease stands; it is only not enforced (logged, shown)

@@ -103,11 +103,15 @@ class UnitRecord(msgspec.Struct, omit_defaults=True):
     cpu_quota_cores: float | None = None
     previous_memory_high_bytes: int | None = None
     previous_cpu_quota_usec_per_s: int | None = None
+    # a scope edged started for a budget lease (edged.budget.enforce.ScopeLeases), its
+    # MemoryMax / CPUQuotaPerSecUSec still set: released with SystemdUnits.release_scope
+    lease_scope: bool = False
 
     def imposed(self) -> bool:
         """Whether anything is still changed on the unit."""
         return (
-            self.frozen
+            self.lease_scope
+            or self.frozen
             or self.previous_memory_high_bytes is not None
             or self.previous_cpu_quota_usec_per_s is not None
         )
@@ -276,8 +280,10 @@ def restore_all(
 
 def restore_unit(units: SystemdUnits, name: str, record: UnitRecord) -> int:
     """Thaw unit ``name`` if edged froze it and put back the ``MemoryHigh`` and
-    ``CPUQuotaPerSecUSec`` it had before edged changed them; 1 if anything was done. The
-    record is updated as each step succeeds, so a failure part way leaves only what is left."""
+    ``CPUQuotaPerSecUSec`` it had before edged changed them; a lease scope edged started is
+    released last (limits to infinity, abandoned: its processes live on). 1 if anything was
+    done. The record is updated as each step succeeds, so a failure part way leaves only
+    what is left."""
     done = 0
     if record.frozen:
         units.thaw(name)
@@ -291,6 +297,10 @@ def restore_unit(units: SystemdUnits, name: str, record: UnitRecord) -> int:
         units.set_cpu_quota(name, record.previous_cpu_quota_usec_per_s)
         record.previous_cpu_quota_usec_per_s = None
         record.cpu_quota_cores = None
+        done = 1
+    if record.lease_scope:
+        units.release_scope(name)
+        record.lease_scope = False
         done = 1
     if done:
         log.info("restore: put %s back as it was", name)

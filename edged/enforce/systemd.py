@@ -22,6 +22,16 @@ on the system bus. The calls, with the signatures documented in ``org.freedeskto
                                                 bytes) and ``CPUQuotaPerSecUSec`` (``t``, µs of
                                                 CPU time per second: 1 core = 1 000 000)
 ``FreezeUnit(in s name)`` / ``ThawUnit(...)``   cgroup freezer of the whole unit (systemd >= 246)
+``StartTransientUnit(in s name, in s mode,``    a new unit made of the properties given; for a
+``in a(sv) properties, in a(sa(sv)) aux,``      budget lease, a scope holding the client's process
+``out o job)``                                  (:meth:`SystemdUnits.start_scope`); the start is a
+                                                job, finished when the manager's ``JobRemoved(u id,
+                                                o job, s unit, s result)`` signal names it
+``AbandonScope(in s name)``                     the scope's creator "lost interest in the scope
+                                                ... without wanting to shut down the scope
+                                                entirely" (org.freedesktop.systemd1(5)); its
+                                                processes live on, and it is collected once they
+                                                have all exited
 ==============================================  ===================================================
 
 "No limit" is ``UINT64_MAX`` for both properties (systemd's ``CGROUP_LIMIT_MAX`` and
@@ -47,6 +57,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +83,13 @@ ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
 AUTH_REQUIRED = "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired"
 NOT_SUPPORTED = "org.freedesktop.DBus.Error.NotSupported"
 UNKNOWN_METHOD = "org.freedesktop.DBus.Error.UnknownMethod"
+UNIT_EXISTS = "org.freedesktop.systemd1.UnitExists"  # StartTransientUnit of a loaded name
+SCOPE_NOT_RUNNING = "org.freedesktop.systemd1.ScopeNotRunning"  # AbandonScope of a dead scope
+PROPERTY_READ_ONLY = "org.freedesktop.DBus.Error.PropertyReadOnly"  # also: unknown property
+INVALID_ARGS = "org.freedesktop.DBus.Error.InvalidArgs"
+# unit_pid_attachable(): "Process with ID %d does not exist."
+PROCESS_UNKNOWN = "org.freedesktop.DBus.Error.UnixProcessIdUnknown"
+PEER_INTERFACE = "org.freedesktop.DBus.Peer"
 
 # Properties.Get needs the interface a property lives on: the cgroup settings are on the
 # type-specific interface of the unit (org.freedesktop.systemd1(5), "SERVICE UNIT OBJECTS" etc.)
@@ -177,6 +195,109 @@ class SystemdUnits:
         """``ThawUnit(unit)``: undo :meth:`freeze`."""
         self._manager("ThawUnit", "s", (unit,), unit=unit)
 
+    def ping(self) -> None:
+        """``org.freedesktop.DBus.Peer.Ping`` to the manager: whether systemd answers on this
+        bus (EnforceError when the bus is not there, UnitError when nothing owns the name)."""
+        self._call(MANAGER_PATH, PEER_INTERFACE, "Ping", "", (), unit="")
+
+    def slice_of(self, unit: str) -> str:
+        """The slice ``unit`` is in (its ``Slice`` property, on the unit type's interface)."""
+        interface = _TYPE_INTERFACES.get(unit.rpartition(".")[2])
+        if interface is None:
+            raise UnitError(unit, "Get", "Slice: unit type has no slice")
+        (path,) = self._manager("GetUnit", "s", (unit,), unit=unit)
+        value = self._get(str(path), interface, "Slice", unit)
+        if not isinstance(value, str):
+            raise UnitError(unit, "Get", f"Slice is not a string: {value!r}")
+        return value
+
+    def start_scope(
+        self, name: str, properties: list[tuple[str, tuple[str, Any]]], pid: int | None = None
+    ) -> None:
+        """``StartTransientUnit(name, "fail", properties, [])`` and wait for its job.
+
+        The reply only says that a start job was queued; the processes are moved into the
+        scope when the job runs. So the manager's ``JobRemoved`` signal is matched (AddMatch)
+        *before* the call, and this returns when the signal names the job with result
+        ``done``; any other result (``failed``: the process exited meanwhile, ...) raises
+        UnitError, as does a refused call (``UnitExists``, ``UnixProcessIdUnknown``,
+        ``PropertyReadOnly`` for an unknown property, ``AccessDenied``)."""
+        from jeepney import DBusAddress, MatchRule, new_method_call
+        from jeepney.bus_messages import message_bus
+        from jeepney.wrappers import DBusErrorResponse, unwrap_msg
+
+        rule = MatchRule(
+            type="signal", interface=MANAGER_INTERFACE, member="JobRemoved", path=MANAGER_PATH
+        )
+        target = DBusAddress(MANAGER_PATH, bus_name=SYSTEMD_BUS_NAME, interface=MANAGER_INTERFACE)
+        start = new_method_call(
+            target, "StartTransientUnit", "ssa(sv)a(sa(sv))", (name, "fail", properties, [])
+        )
+        op = "StartTransientUnit"
+        with self._lock:
+            conn = self._connected(op, pid)
+            try:
+                with conn.filter(rule, bufsize=64) as signals:
+                    add = message_bus.AddMatch(rule)
+                    unwrap_msg(conn.send_and_get_reply(add, timeout=self.timeout_s))
+                    try:
+                        reply = conn.send_and_get_reply(start, timeout=self.timeout_s)
+                        (job,) = unwrap_msg(reply)
+                        result = self._job_result(conn, signals, str(job))
+                    finally:
+                        with contextlib.suppress(Exception):
+                            conn.send(message_bus.RemoveMatch(rule))
+            except DBusErrorResponse as exc:
+                raise _unit_error(exc, name, op, pid) from exc
+            except TimeoutError as exc:
+                self._drop()
+                raise EnforceError(
+                    pid, op, f"no answer from systemd within {self.timeout_s} s"
+                ) from exc
+            except (OSError, ValueError) as exc:
+                self._drop()
+                raise EnforceError(pid, op, f"D-Bus {self.address}: {exc}") from exc
+        if result != "done":
+            raise UnitError(name, op, f"the start job ended with result {result!r}", pid=pid)
+
+    def _job_result(self, conn: Any, signals: Any, job: str) -> str:
+        """The result of ``job`` from the ``JobRemoved(u id, o job, s unit, s result)``
+        signals queued in ``signals`` (others' jobs are skipped)."""
+        deadline_s = time.monotonic() + self.timeout_s
+        while True:
+            if signals:
+                message = signals.popleft()
+            else:
+                remaining_s = deadline_s - time.monotonic()
+                if remaining_s <= 0:
+                    raise TimeoutError(f"job {job} did not finish")
+                message = conn.recv_until_filtered(signals, timeout=remaining_s)
+            _id, path, _unit, result = message.body
+            if path == job:
+                return str(result)
+
+    def abandon_scope(self, name: str) -> None:
+        """``AbandonScope(name)``: systemd keeps the scope (and its processes) until they
+        exit; edged no longer manages it."""
+        self._manager("AbandonScope", "s", (name,), unit=name)
+
+    def release_scope(self, name: str, *, cpu: bool = True) -> None:
+        """End edged's hold on lease scope ``name`` without ending its processes:
+        ``MemoryMax`` (and ``CPUQuotaPerSecUSec`` unless ``cpu`` is False) to infinity, then
+        ``AbandonScope``. Never ``StopUnit``: stopping a scope with no ``Controller`` sends its
+        processes SIGTERM (org.freedesktop.systemd1(5), "Scope Unit Objects"). A scope that is
+        no longer running needs no abandoning (``ScopeNotRunning`` is ignored); one that is
+        gone raises UnitError ``NoSuchUnit`` (nothing left to release)."""
+        lifted: list[tuple[str, tuple[str, Any]]] = [("MemoryMax", ("t", UINT64_MAX))]
+        if cpu:
+            lifted.append(("CPUQuotaPerSecUSec", ("t", UINT64_MAX)))
+        self.set_properties(name, lifted)
+        try:
+            self.abandon_scope(name)
+        except UnitError as exc:
+            if exc.error_name != SCOPE_NOT_RUNNING:
+                raise
+
     def close(self) -> None:
         """Close the bus connection (reopened by the next call)."""
         with self._lock:
@@ -223,6 +344,15 @@ class SystemdUnits:
             self._conn = open_dbus_connection(bus=self.address, auth_timeout=self.timeout_s)
         return self._conn
 
+    def _connected(self, op: str, pid: int | None) -> Any:
+        """The connection (opened if needed); EnforceError when the bus cannot be reached.
+        Called with the lock held."""
+        try:
+            return self._connect()
+        except (OSError, ValueError, KeyError) as exc:
+            self._drop()
+            raise EnforceError(pid, op, f"D-Bus {self.address}: {exc}") from exc
+
     def _drop(self) -> None:
         if self._conn is not None:
             with contextlib.suppress(OSError):
@@ -267,8 +397,11 @@ class SystemdUnits:
         try:
             result: tuple[Any, ...] = unwrap_msg(reply)
         except DBusErrorResponse as exc:
-            detail = exc.data[0] if exc.data and isinstance(exc.data[0], str) else ""
-            raise UnitError(
-                unit, method, detail or str(exc.name), pid=pid, error_name=str(exc.name)
-            ) from exc
+            raise _unit_error(exc, unit, method, pid) from exc
         return result
+
+
+def _unit_error(exc: Any, unit: str, method: str, pid: int | None) -> UnitError:
+    """A D-Bus error reply as UnitError, with the error's name and message."""
+    detail = exc.data[0] if exc.data and isinstance(exc.data[0], str) else ""
+    return UnitError(unit, method, detail or str(exc.name), pid=pid, error_name=str(exc.name))

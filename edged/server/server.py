@@ -17,23 +17,31 @@ Built for a daemon whose first job is its sampling cadence:
   daemon's handlers finish without suspending; one that suspends is finished in a task), and
   the replies go out in one write. No task, timer or future per request.
 * :meth:`Server.hold` / :meth:`Server.release` bracket the tick: once its deadline has passed,
-  requests wait (their sockets unread) until the tick has run, so load on the socket delays a
+  requests wait (read, not answered) until the tick has run, so load on the socket delays a
   tick by at most the one request being answered.
 * idle connections are found by one periodic sweep, not a timer per read.
 * a client that does not read its replies is not read from either (backpressure).
   Notifications are written without waiting, and what waits for a client that does not read
   them is bounded (:meth:`Server.send`): the daemon's tick never waits on a subscriber.
+
+Peer identity is taken at accept: ``SO_PEERCRED`` (pid, uid, gid), and a pidfd of the peer's
+process where the kernel has ``SO_PEERPIDFD`` (Linux >= 6.5), else the process's start time
+from ``/proc/PID/stat``. Either one tells later whether the pid still names the process that
+connected (:meth:`Peer.same_process`), which rules out acting on a reused pid. The pidfd is
+closed when the connection ends.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import grp
 import itertools
 import logging
 import math
 import os
+import signal
 import socket
 import stat
 import struct
@@ -43,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edged.enforce.signals import read_start_ticks
 from edged.server import protocol
 from edged.server.protocol import RpcError
 
@@ -61,6 +70,68 @@ SLOW_CLOSE_GRACE_S = 5.0
 FLUSH_BYTES = 64 * 1024
 
 
+# Python 3.11's socket module has no name for it. 77 is its number in asm-generic/socket.h,
+# which x86, arm, arm64, riscv, powerpc, s390 and loongarch use; alpha, mips, parisc and sparc
+# number their socket options differently, and there 77 could be another option whose integer
+# would be taken for a file descriptor: those get no pidfd (the start-time fallback).
+_GENERIC_SOCKET_H = ("x86_64", "i386", "i686", "aarch64", "arm", "riscv", "ppc", "s390", "loong")
+SO_PEERPIDFD: int | None = getattr(socket, "SO_PEERPIDFD", None)
+if SO_PEERPIDFD is None and os.uname().machine.startswith(_GENERIC_SOCKET_H):
+    SO_PEERPIDFD = 77
+
+
+class PeerProcess:
+    """The peer's process as it was when it connected, to tell later whether its pid still
+    names that process (and not a new one that got the pid after it exited).
+
+    With a pidfd (``SO_PEERPIDFD``) the kernel answers exactly: ``pidfd_send_signal(pidfd,
+    0)`` fails with ESRCH once that process is gone, whatever has the pid since. Without one,
+    the start time (``/proc/PID/stat`` field 22) read at accept is compared with the one the
+    pid has now: a new process with the same pid has a later start time (a reused pid within
+    the same clock tick is the one case this cannot see). ``start_ticks`` None means the
+    process was already gone (or hidden) at accept: never vouched for.
+    """
+
+    def __init__(
+        self,
+        pid: int,
+        pidfd: int | None,
+        start_ticks: int | None,
+        proc: Path = Path("/proc"),
+    ) -> None:
+        self.pid = pid
+        self.pidfd = pidfd
+        self.start_ticks = start_ticks
+        self.proc = proc
+
+    @property
+    def how(self) -> str:
+        """How the identity is checked: ``pidfd`` or ``start_time``."""
+        return "pidfd" if self.pidfd is not None else "start_time"
+
+    def alive(self) -> bool:
+        """Whether the process that connected still exists (a zombie still does: its pid
+        cannot be reused before it is reaped)."""
+        if self.pidfd is not None:
+            try:
+                signal.pidfd_send_signal(self.pidfd, 0)
+            except ProcessLookupError:
+                return False
+            except PermissionError:  # it exists; this daemon may just not signal it
+                return True
+            return True
+        if self.start_ticks is None:
+            return False
+        return read_start_ticks(self.pid, self.proc) == self.start_ticks
+
+    def close(self) -> None:
+        """Close the pidfd (the connection ended). Afterwards nothing is vouched for."""
+        if self.pidfd is not None:
+            fd, self.pidfd = self.pidfd, None
+            self.start_ticks = None
+            os.close(fd)
+
+
 @dataclass(frozen=True)
 class Peer:
     """A client as the kernel identifies it (SO_PEERCRED), never as it claims to be."""
@@ -69,6 +140,14 @@ class Peer:
     uid: int
     gid: int
     connection: int = field(default=0, compare=False)  # the server's number for the connection
+    # the process behind ``pid`` at accept (None: not known, e.g. a Peer made by a test)
+    process: PeerProcess | None = field(default=None, compare=False, repr=False)
+
+    def same_process(self) -> bool:
+        """Whether ``pid`` still names the process that connected. The daemon asks before it
+        acts on the peer's own pid (a lease for the peer itself); with nothing known about the
+        process (``process`` None) it trusts the pid, as SO_PEERCRED alone would."""
+        return self.process is None or self.process.alive()
 
 
 class Deferred:
@@ -85,9 +164,39 @@ Handler = Callable[[Peer, Mapping[str, Any]], Coroutine[Any, Any, Any]]
 
 
 def peer_credentials(sock: socket.socket) -> Peer:
+    """pid, uid and gid of the process that connected (SO_PEERCRED)."""
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", raw)
     return Peer(pid=pid, uid=uid, gid=gid)
+
+
+class PidfdProbe:
+    """Gets a pidfd of a socket's peer (``SO_PEERPIDFD``), and remembers when the kernel has
+    none, so that later connections do not ask again."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        usable = enabled and SO_PEERPIDFD is not None
+        self.available: bool | None = None if usable else False  # None: not asked yet
+
+    def pidfd(self, sock: socket.socket) -> int | None:
+        """The pidfd (the caller closes it), or None: no such option here (ENOPROTOOPT, a
+        kernel before 6.5: remembered), or none for this peer (EINVAL or ESRCH: before
+        Linux 6.9 the kernel refuses a pidfd for a peer that has already exited; the start
+        time is then the fallback, and it finds the process gone)."""
+        if self.available is False or SO_PEERPIDFD is None:
+            return None
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, struct.calcsize("i"))
+        except OSError as exc:
+            if exc.errno == errno.ENOPROTOOPT:
+                log.info("this kernel has no SO_PEERPIDFD: peers are checked by start time")
+                self.available = False
+            else:
+                log.debug("no pidfd for a peer: %s", exc)
+            return None
+        self.available = True
+        (fd,) = struct.unpack("i", raw)
+        return int(fd)
 
 
 def default_socket_path(environ: Mapping[str, str] | None = None) -> Path:
@@ -146,6 +255,8 @@ class Server:
         clock: Callable[[], float] = time.monotonic,
         max_pending_bytes: int = MAX_PENDING_BYTES,
         slow_close_grace_s: float = SLOW_CLOSE_GRACE_S,
+        peer_pidfds: bool = True,
+        proc: Path = Path("/proc"),
     ) -> None:
         self.methods = dict(methods)
         self.max_clients = max_clients
@@ -164,6 +275,9 @@ class Server:
         self.slow_close_grace_s = slow_close_grace_s
         self.skipped = 0  # droppable notifications skipped for clients that were behind
         self.closed_slow = 0  # connections closed for not reading their notifications
+        # a pidfd per peer where the kernel has SO_PEERPIDFD (False: start times only)
+        self.pidfds = PidfdProbe(peer_pidfds)
+        self.proc = proc  # where the fallback reads a peer's start time
         self.clients: dict[int, _Connection] = {}  # connection number -> connection
         self._numbers = itertools.count(1)
         self._server: asyncio.AbstractServer | None = None
@@ -457,6 +571,11 @@ class _Connection(asyncio.Protocol):
             transport.close()
             return
         server.clients[self.number] = self
+        # the peer's process: a pidfd (closed in _end), else its start time read now
+        pidfd = server.pidfds.pidfd(sock)
+        ticks = None if pidfd is not None else read_start_ticks(creds.pid, server.proc)
+        process = PeerProcess(creds.pid, pidfd, ticks, server.proc)
+        self.peer = Peer(creds.pid, creds.uid, creds.gid, connection=self.number, process=process)
         transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH_BYTES)
 
     def data_received(self, data: bytes) -> None:
@@ -617,3 +736,5 @@ class _Connection(asyncio.Protocol):
                 server.on_close(self.number)
             except Exception:  # a hook bug must not take the server down
                 log.exception("close hook for connection %d failed", self.number)
+        if self.peer is not None and self.peer.process is not None:
+            self.peer.process.close()
