@@ -117,7 +117,11 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[max(0, min(len(ordered) - 1, round(q / 100 * len(ordered)) - 1))]
 
 
-def run_clients(path: Path, clients: int, duration_s: float, floor: bool) -> list[float]:
+def run_clients(
+    path: Path, clients: int, duration_s: float, floor: bool
+) -> tuple[list[float], float]:
+    """Latencies of every request, and the wall time the load started (after every client
+    process has started: their start-up is not part of the load)."""
     start_at = time.time() + 1.0 + clients * 0.01
     procs = [
         subprocess.Popen(
@@ -141,7 +145,7 @@ def run_clients(path: Path, clients: int, duration_s: float, floor: bool) -> lis
         if p.returncode != 0:
             raise RuntimeError(f"a client failed ({p.returncode})")
         latencies += json.loads(out)
-    return latencies
+    return latencies, start_at
 
 
 def rpc(path: Path, method: str, params: dict[str, Any]) -> Any:
@@ -204,11 +208,10 @@ def main() -> int:
         edged, sock = start_edged(tmp, args.nice)
         try:
             for n in args.clients:
-                t0 = time.time()
-                mine = run_clients(sock, n, args.duration, floor=False)
-                t1 = time.time()
-                base = run_clients(floor_sock, n, args.duration, floor=True)
-                p99_jitter, max_jitter = jitter_ms(sock, t0, t1)
+                mine, t0 = run_clients(sock, n, args.duration, floor=False)
+                base, _ = run_clients(floor_sock, n, args.duration, floor=True)
+                # the ticks while the load ran (not while 200 interpreters started)
+                p99_jitter, max_jitter = jitter_ms(sock, t0, t0 + args.duration)
                 left = rpc(sock, "budget.list", {})["leases"]
                 rows.append((n, mine, base, p99_jitter, max_jitter, len(left)))
                 print(f"{n} clients: edged {len(mine)} requests, floor {len(base)}", flush=True)

@@ -35,6 +35,10 @@ class Sampler:
         self._seq = 0
 
     def tick(self) -> Snapshot:
+        # stamped when sampling starts (as Prometheus stamps a scrape and the OTel hostmetrics
+        # receiver a scrape batch): the cadence is when ticks start, whatever the reads cost
+        time_unix_ns = self._wall_clock_ns()
+        monotonic_s = self._monotonic()
         readings: list[Reading] = []
         statuses: list[SourceStatus] = []
         for sensor in self.sensors:
@@ -59,8 +63,8 @@ class Sampler:
         self._seq += 1
         return Snapshot(
             seq=self._seq,
-            time_unix_ns=self._wall_clock_ns(),
-            monotonic_s=self._monotonic(),
+            time_unix_ns=time_unix_ns,
+            monotonic_s=monotonic_s,
             readings=tuple(readings),
             sources=tuple(statuses),
         )

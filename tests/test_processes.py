@@ -223,6 +223,52 @@ def test_a_pid_watched_and_unwatched_between_reads_is_never_opened(
     assert sensor.watched == {}
 
 
+def test_a_client_that_releases_and_asks_again_between_reads_keeps_its_files(
+    children: list[subprocess.Popen[str]],
+) -> None:
+    """Unwatch then watch before the next read (a lease released and the next one granted
+    within a tick) keeps the process sampled, with the same open files; an unwatch that is
+    not taken back stops the sampling at the next read."""
+    p = start(children, 1, 30, "sleep", "stepper")
+    sensor = ProcessSensor(Roots(), [], mode="none")
+    sensor.watch(p.pid, klass="normal", client="trainer")
+    assert [
+        r.attributes["process.pid"] for r in sensor.read() if r.metric == "process.memory.usage"
+    ] == [p.pid]
+    kept = sensor.watched[p.pid]
+    sensor.unwatch(p.pid)
+    sensor.watch(p.pid, klass="besteffort", client="trainer")
+    mem = [r for r in sensor.read() if r.metric == "process.memory.usage"]
+    assert sensor.watched[p.pid] is kept
+    assert [r.attributes["edged.class"] for r in mem] == ["besteffort"]
+    sensor.unwatch(p.pid)
+    assert sensor.read() == []
+    assert p.pid not in sensor.watched
+    # asked again later (its entry parked meanwhile): sampled again, as what it is now
+    sensor.watch(p.pid, klass="normal", client="trainer-2")
+    mem = [r for r in sensor.read() if r.metric == "process.memory.usage"]
+    assert [r.attributes["edged.client"] for r in mem] == ["trainer-2"]
+    assert [r.attributes["process.pid"] for r in mem] == [p.pid]
+
+
+def test_a_parked_entry_does_not_outlive_its_process(
+    children: list[subprocess.Popen[str]],
+) -> None:
+    """A client that exits between two leases, its pid then watched again (reused, or a
+    stale watch), yields nothing and leaves no entry: the start time is checked on read."""
+    p = start(children, 1, 30, "sleep", "stepper")
+    sensor = ProcessSensor(Roots(), [], mode="none")
+    sensor.watch(p.pid)
+    sensor.read()
+    sensor.unwatch(p.pid)
+    sensor.read()  # parked
+    p.kill()
+    p.wait()
+    sensor.watch(p.pid)
+    assert sensor.read() == []
+    assert p.pid not in sensor.watched
+
+
 def test_all_mode_skips_kernel_threads() -> None:
     sensor = ProcessSensor(Roots(), [], mode="all")
     sensor.read()

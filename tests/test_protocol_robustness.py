@@ -132,10 +132,13 @@ def test_thousands_of_connections_opened_and_dropped(daemon: RunningDaemon) -> N
     rss_before = rss_bytes(daemon.proc.pid)
     for i in range(2000):
         sock = connect(daemon)
-        if i % 3 == 0:
-            sock.sendall(b'{"jsonrpc":"2.0","id":1,"method":"hello"')  # dropped mid-line
-        elif i % 3 == 1:
-            sock.sendall(b'{"jsonrpc":"2.0","id":1,"method":"hello","params":{}}\n')
+        # the server may not have seen the last closes yet: then this one is over max_clients,
+        # told 1005 and closed at once, and writing to it fails; that is the bound at work
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            if i % 3 == 0:
+                sock.sendall(b'{"jsonrpc":"2.0","id":1,"method":"hello"')  # dropped mid-line
+            elif i % 3 == 1:
+                sock.sendall(b'{"jsonrpc":"2.0","id":1,"method":"hello","params":{}}\n')
         sock.close()
     # the server catches up with the closed ones (until then a newcomer may hear 1005)
     deadline = time.monotonic() + 10

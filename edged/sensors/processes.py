@@ -43,6 +43,10 @@ _GONE = (errno.ESRCH, errno.ENOENT)
 CLK_TCK = USER_HZ  # /proc/<pid>/stat's start time and /proc/uptime's seconds, reconciled
 # an unmatched process younger than this is judged again at the next listing (see rescan)
 YOUNG_S = 2.0
+# an unwatched budget client's entry is kept (not sampled, its stat file open) this long, and
+# at most this many: a client asking for its next lease takes it back without reading /proc
+PARK_S = 5.0
+MAX_PARKED = 256
 
 
 @dataclass
@@ -112,6 +116,9 @@ class ProcessSensor(Sensor):
         self.watched: dict[int, Watched] = {}
         self._explicit: dict[int, tuple[str, str]] = {}  # pid -> (class, client)
         self._to_watch: set[int] = set()  # explicit pids the next read starts sampling
+        self._to_unwatch: set[int] = set()  # pids the next read stops sampling
+        # unwatched clients' entries, files still open, for a next lease (see _stop_watching)
+        self._parked: dict[int, tuple[Watched, float]] = {}
 
     def watch(self, pid: int, klass: str = "normal", client: str = "") -> None:
         """Sample ``pid`` from the next read on (a budget client), as ``klass`` and with
@@ -121,19 +128,44 @@ class ProcessSensor(Sensor):
         self._explicit[pid] = (klass, client)
         existing = self.watched.get(pid)
         if existing is not None:
-            existing.klass, existing.client = klass, client
-            existing.attributes_changed()
+            if (existing.klass, existing.client) != (klass, client):
+                existing.klass, existing.client = klass, client
+                existing.attributes_changed()
             return
         self._to_watch.add(pid)
 
     def unwatch(self, pid: int) -> None:
-        """Stop sampling a pid added with :meth:`watch` (rules may still match it)."""
+        """Stop sampling a pid added with :meth:`watch` from the next read on (rules may still
+        match it). Like :meth:`watch`, nothing is done here: a client that releases its lease
+        and asks for the next one between two ticks keeps its open /proc files."""
         self._explicit.pop(pid, None)
         self._to_watch.discard(pid)
-        self._known.discard(pid)
-        watched = self.watched.pop(pid, None)
-        if watched is not None:
-            watched.close()
+        self._to_unwatch.add(pid)
+
+    def _stop_watching(self, now_s: float) -> None:
+        """Stop sampling the pids :meth:`unwatch` named since the last read, unless watched
+        again. A budget client often asks for its next lease soon after it released one
+        (per training step, per request): its entry is parked, files open, for
+        ``PARK_S``, and a watch within that time takes it back without touching /proc.
+        A parked process is not sampled; parked entries past their time are closed."""
+        pending, self._to_unwatch = self._to_unwatch, set()
+        for pid in pending:
+            if pid in self._explicit:
+                continue  # watched again meanwhile
+            self._known.discard(pid)  # a rule may claim it at the next listing
+            watched = self.watched.pop(pid, None)
+            if watched is None:
+                continue
+            if len(self._parked) >= MAX_PARKED:
+                watched.close()
+                continue
+            self._parked[pid] = (watched, now_s)
+        if self._parked:
+            for pid, (watched, since_s) in list(self._parked.items()):
+                if now_s - since_s >= PARK_S or pid in self.watched:
+                    del self._parked[pid]
+                    if self.watched.get(pid) is not watched:
+                        watched.close()
 
     def _path(self) -> Path:
         return Path(self._proc)
@@ -211,11 +243,22 @@ class ProcessSensor(Sensor):
             self._add(info, self._classifier.classify(info) or "normal")
 
     def _start_watching(self) -> None:
-        """Open the /proc files of the pids :meth:`watch` named since the last read."""
+        """Open the /proc files of the pids :meth:`watch` named since the last read (or take
+        back a parked entry: a client between two leases)."""
         pending, self._to_watch = self._to_watch, set()
         for pid in pending:
             explicit = self._explicit.get(pid)
             if explicit is None or pid in self.watched:
+                continue
+            parked = self._parked.pop(pid, None)
+            if parked is not None:  # its stat read checks the start time: a reused pid drops
+                watched = parked[0]
+                if (watched.klass, watched.client) != explicit:
+                    watched.klass, watched.client = explicit
+                    watched.attributes_changed()
+                watched.cpu_ticks = None  # no utilization across the time it was not read
+                self.watched[pid] = watched
+                self._known.add(pid)
                 continue
             info = read_process_info(self._path(), pid)
             if info is None:  # gone before it was ever sampled
@@ -224,9 +267,11 @@ class ProcessSensor(Sensor):
             self._add(info, explicit[0], explicit[1])
 
     def read(self) -> list[Reading]:
+        now_s = self._clock()
+        if self._to_unwatch or self._parked:
+            self._stop_watching(now_s)
         if self._to_watch:
             self._start_watching()
-        now_s = self._clock()
         due = now_s >= self._next_scan_s
         if due:
             self._next_scan_s = now_s + self._rescan_s
@@ -316,5 +361,8 @@ class ProcessSensor(Sensor):
         for w in self.watched.values():
             w.close()
         self.watched.clear()
+        for w, _ in self._parked.values():
+            w.close()
+        self._parked.clear()
         if self._members is not None:
             self._members.close()
