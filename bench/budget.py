@@ -23,7 +23,12 @@ machine, a nice-0 daemon waits for the scheduler for tens of milliseconds at tim
 does itself; ``--nice 0`` shows that. (The unit's ``CPUQuota=50%`` is not applied here: it would
 cap a saturated socket at half a core.)
 
-Usage: ``.venv/bin/python bench/budget.py [--clients 1 50 200] [--duration 5] [--nice -5]``.
+The machine's own drift (a 2-core VM: the same floor run varies by 1.5x from one minute to
+the next) is why each client count gets ``--rounds`` pairs of runs in ABBA order and the
+ratios are the medians of the per-round ratios.
+
+Usage: ``.venv/bin/python bench/budget.py [--clients 1 50 200] [--duration 5] [--rounds 3]
+[--nice -5]``.
 """
 
 from __future__ import annotations
@@ -182,6 +187,31 @@ def start_edged(tmp: Path, nice: int) -> tuple[subprocess.Popen[bytes], Path]:
     raise RuntimeError("edged did not start")
 
 
+class Round:
+    """One edged run and one floor run at the same client count."""
+
+    def __init__(
+        self,
+        mine: list[float],
+        base: list[float],
+        duration_s: float,
+        *,
+        jitter_p99: float,
+        jitter_max: float,
+        left: int,
+    ) -> None:
+        self.e50, self.e99 = statistics.median(mine) * 1e3, percentile(mine, 99) * 1e3
+        self.f50, self.f99 = statistics.median(base) * 1e3, percentile(base, 99) * 1e3
+        self.ert, self.frt = len(mine) / duration_s, len(base) / duration_s
+        self.jitter_p99, self.jitter_max, self.left = jitter_p99, jitter_max, left
+
+    def line(self) -> str:
+        return (
+            f"edged p99 {self.e99:.2f} ms {self.ert:.0f}/s, floor p99 {self.f99:.2f} ms "
+            f"{self.frt:.0f}/s, jitter p99 {self.jitter_p99:.2f} ms"
+        )
+
+
 def jitter_ms(sock: Path, since_s: float, until_s: float) -> tuple[float, float]:
     history = rpc(sock, "history", {"window": 120, "resources": ["system.memory.limit"]})
     times = [t for t in history["time"] if since_s <= t <= until_s]
@@ -192,10 +222,11 @@ def jitter_ms(sock: Path, since_s: float, until_s: float) -> tuple[float, float]
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 50, 200])
-    ap.add_argument("--duration", type=float, default=5.0)
+    ap.add_argument("--duration", type=float, default=5.0, help="seconds of load per run")
+    ap.add_argument("--rounds", type=int, default=3, help="edged/floor run pairs per count")
     ap.add_argument("--nice", type=int, default=-5, help="niceness of both servers")
     args = ap.parse_args()
-    rows = []
+    rounds: dict[int, list[Round]] = {n: [] for n in args.clients}
     started = dt.datetime.now()
     with tempfile.TemporaryDirectory(prefix="edged-budget-bench-") as tmp_name:
         tmp = Path(tmp_name)
@@ -207,14 +238,31 @@ def main() -> int:
         assert floor.stdout.readline().strip() == "ready"
         edged, sock = start_edged(tmp, args.nice)
         try:
-            for n in args.clients:
-                mine, t0 = run_clients(sock, n, args.duration, floor=False)
-                base, _ = run_clients(floor_sock, n, args.duration, floor=True)
-                # the ticks while the load ran (not while 200 interpreters started)
-                p99_jitter, max_jitter = jitter_ms(sock, t0, t0 + args.duration)
-                left = rpc(sock, "budget.list", {})["leases"]
-                rows.append((n, mine, base, p99_jitter, max_jitter, len(left)))
-                print(f"{n} clients: edged {len(mine)} requests, floor {len(base)}", flush=True)
+            for r in range(args.rounds):
+                for n in args.clients:
+                    # ABBA: edged first in even rounds, the floor first in odd ones, so a
+                    # drift of the machine over a round favours neither
+                    order = (False, True) if r % 2 == 0 else (True, False)
+                    got: dict[bool, tuple[list[float], float]] = {}
+                    for is_floor in order:
+                        got[is_floor] = run_clients(
+                            floor_sock if is_floor else sock, n, args.duration, floor=is_floor
+                        )
+                    (mine, t0), (base, _) = got[False], got[True]
+                    # the ticks while the load ran (not while 200 interpreters started)
+                    p99_jitter, max_jitter = jitter_ms(sock, t0, t0 + args.duration)
+                    left = len(rpc(sock, "budget.list", {})["leases"])
+                    rounds[n].append(
+                        Round(
+                            mine,
+                            base,
+                            args.duration,
+                            jitter_p99=p99_jitter,
+                            jitter_max=max_jitter,
+                            left=left,
+                        )
+                    )
+                    print(f"round {r + 1}, {n} clients: {rounds[n][-1].line()}", flush=True)
         finally:
             for p in (edged, floor):
                 p.send_signal(signal.SIGTERM)
@@ -222,10 +270,12 @@ def main() -> int:
     out = [
         f"# Budget round trips, {started:%Y-%m-%d %H:%M}",
         "",
-        f"{args.duration:g} s per client count; each client a process with one connection, "
+        f"{args.rounds} rounds per client count, each an edged run and a floor run of "
+        f"{args.duration:g} s (ABBA order); each client a process with one connection, "
         "looping budget.request (timed) + budget.release; edged --dry-run at 0.1 s sampling; "
         f"both servers at nice {args.nice}, clients at 0; "
-        "floor: an asyncio JSON-lines server answering a fixed line.",
+        "floor: an asyncio JSON-lines server answering a fixed line. Figures are medians over "
+        "the rounds; the ratios are the medians of each round's ratio (min..max).",
         "",
         f"edged {commit()}; command: `.venv/bin/python bench/budget.py "
         + " ".join(sys.argv[1:])
@@ -235,13 +285,19 @@ def main() -> int:
         "| floor req/s | p99 ratio | throughput ratio | tick jitter p99 / max ms | leases left |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for n, mine, base, pj, mj, left in rows:
-        e50, e99 = statistics.median(mine) * 1e3, percentile(mine, 99) * 1e3
-        f50, f99 = statistics.median(base) * 1e3, percentile(base, 99) * 1e3
-        ert, frt = len(mine) / args.duration, len(base) / args.duration
+    med = statistics.median
+
+    def spread(values: list[float]) -> str:
+        return f"{med(values):.2f} ({min(values):.2f}..{max(values):.2f})"
+
+    for n, runs in rounds.items():
         out.append(
-            f"| {n} | {e50:.3f} | {e99:.3f} | {ert:.0f} | {f50:.3f} | {f99:.3f} | {frt:.0f} "
-            f"| {e99 / f99:.2f} | {ert / frt:.2f} | {pj:.2f} / {mj:.2f} | {left} |"
+            f"| {n} | {med(x.e50 for x in runs):.3f} | {med(x.e99 for x in runs):.3f} "
+            f"| {med(x.ert for x in runs):.0f} | {med(x.f50 for x in runs):.3f} "
+            f"| {med(x.f99 for x in runs):.3f} | {med(x.frt for x in runs):.0f} "
+            f"| {spread([x.e99 / x.f99 for x in runs])} | {spread([x.ert / x.frt for x in runs])} "
+            f"| {med(x.jitter_p99 for x in runs):.2f} / {max(x.jitter_max for x in runs):.2f} "
+            f"| {max(x.left for x in runs)} |"
         )
     text = "\n".join(out) + "\n"
     print(text)
