@@ -111,7 +111,6 @@ import argparse
 import bisect
 import contextlib
 import datetime as dt
-import json
 import math
 import os
 import random
@@ -124,7 +123,7 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +142,7 @@ from protection import (
     start_workload,
     tool_version,
     wait_for_log,
+    write_results,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -851,13 +851,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }  # fmt: skip
     text = report(results, meta)
     print(text)
-    out_dir = REPO / "bench" / "results"
-    out_dir.mkdir(exist_ok=True)
-    stem = f"cooperative-{started:%Y%m%d-%H%M%S}"
-    (out_dir / f"{stem}.md").write_text(text)
-    (out_dir / f"{stem}.json").write_text(
-        json.dumps({"meta": meta, "runs": [asdict(r) for r in results]}, indent=1)
-    )
+    stem = write_results(f"cooperative-{started:%Y%m%d-%H%M%S}", text, meta, results)
     print(f"written to bench/results/{stem}.md and .json ({meta['duration_s']} s)")
     return 0
 

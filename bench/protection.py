@@ -814,15 +814,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     text = report(results, meta)
     print(text)
-    out_dir = REPO / "bench" / "results"
-    out_dir.mkdir(exist_ok=True)
-    stem = f"protection-{started:%Y%m%d-%H%M%S}"
-    (out_dir / f"{stem}.md").write_text(text)
-    (out_dir / f"{stem}.json").write_text(
-        json.dumps({"meta": meta, "runs": [asdict(r) for r in results]}, indent=1)
-    )
+    stem = write_results(f"protection-{started:%Y%m%d-%H%M%S}", text, meta, results)
     print(f"written to bench/results/{stem}.md and .json")
     return 0
+
+
+def write_results(stem: str, text: str, meta: dict[str, Any], runs: Sequence[Any]) -> str:
+    """The report as ``bench/results/STEM.md`` and the raw runs (dataclasses) beside it as
+    ``STEM.json``; returns the stem."""
+    out_dir = REPO / "bench" / "results"
+    out_dir.mkdir(exist_ok=True)
+    (out_dir / f"{stem}.md").write_text(text)
+    (out_dir / f"{stem}.json").write_text(
+        json.dumps({"meta": meta, "runs": [asdict(r) for r in runs]}, indent=1)
+    )
+    return stem
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,15 @@ def require(binary: str) -> str:
             pytest.fail(f"{binary} not installed; .ci/run must install it")
         pytest.skip(f"{binary} not installed")
     return path
+
+
+def sleeping_process() -> Iterator[subprocess.Popen[bytes]]:
+    """A real child process that sleeps for a minute, killed and reaped after the test. Test
+    modules take it as a fixture under their own name:
+    ``victim = pytest.fixture(sleeping_process, name="victim")``."""
+    proc = subprocess.Popen(["sleep", "60"])
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()

@@ -34,6 +34,7 @@ from edged.enforce.systemd import (
     SystemdUnits,
 )
 from edged.policy.base import Action, ActionKind, ProcessClass, Resource
+from tests.conftest import sleeping_process
 from tests.systemd_bus import Call, FakeManager, Scope, dbus_daemon, start_bus, stop_bus
 
 pytestmark = pytest.mark.skipif(
@@ -74,14 +75,7 @@ def units(manager: FakeManager) -> Iterator[SystemdUnits]:
         client.close()
 
 
-@pytest.fixture
-def victim() -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(["sleep", "60"])
-    try:
-        yield proc
-    finally:
-        proc.kill()
-        proc.wait()
+victim = pytest.fixture(sleeping_process, name="victim")
 
 
 def lease_for(pid: int, lease_id: int = 7, **granted: float) -> Lease:

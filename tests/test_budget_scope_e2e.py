@@ -20,6 +20,7 @@ import pytest
 
 from edged.enforce.systemd import UINT64_MAX
 from tests.budget_util import ClientProcess
+from tests.conftest import sleeping_process
 from tests.daemon_util import RunningDaemon, start_daemon
 from tests.systemd_bus import FakeManager, dbus_daemon, start_bus, stop_bus
 
@@ -80,14 +81,7 @@ def daemon(tmp_path: Path, manager: FakeManager) -> Iterator[RunningDaemon]:
         assert running.stop() == 0
 
 
-@pytest.fixture
-def holder() -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(["sleep", "60"])
-    try:
-        yield proc
-    finally:
-        proc.kill()
-        proc.wait()
+holder = pytest.fixture(sleeping_process, name="holder")
 
 
 def test_a_lease_is_a_scope_lifted_within_100_ms_of_the_clients_death(

@@ -36,6 +36,7 @@ from edged.enforce.systemd import (
     systemd_booted,
 )
 from edged.policy.base import Action, ActionKind, ProcessClass, Resource
+from tests.conftest import sleeping_process
 from tests.systemd_bus import Call, FakeManager, dbus_daemon, start_bus, stop_bus
 
 pytestmark = pytest.mark.skipif(
@@ -75,14 +76,7 @@ def units(bus: str) -> Iterator[SystemdUnits]:
         client.close()
 
 
-@pytest.fixture
-def victim() -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(["sleep", "60"])
-    try:
-        yield proc
-    finally:
-        proc.kill()
-        proc.wait()
+victim = pytest.fixture(sleeping_process, name="victim")
 
 
 def ticks(pid: int) -> int:

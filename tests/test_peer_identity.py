@@ -16,7 +16,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from edged.budget.service import BudgetService
 from edged.enforce.signals import read_start_ticks
 from edged.server import server as server_mod
 from edged.server.server import Peer, PeerProcess, PidfdProbe, Server, bind_unix_socket
+from tests.conftest import sleeping_process
 
 GiB = 1 << 30
 
@@ -41,14 +42,7 @@ def kernel_has_peer_pidfd() -> bool:
     return True
 
 
-@pytest.fixture
-def child() -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(["sleep", "60"])
-    try:
-        yield proc
-    finally:
-        proc.kill()
-        proc.wait()
+child = pytest.fixture(sleeping_process, name="child")
 
 
 def ticks(pid: int) -> int:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from edged.policy.registry import make_strategy
 from edged.server import protocol
 from edged.server.server import Peer, Server, bind_unix_socket
 from edged.snapshot import Reading, Snapshot
+from tests.conftest import sleeping_process
 
 GIB = 2**30
 
@@ -150,14 +150,7 @@ def test_each_resource_has_its_level_and_health_is_the_worst() -> None:
 # ---- the controller's switch ----------------------------------------------------------------
 
 
-@pytest.fixture
-def child() -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(["sleep", "60"])
-    try:
-        yield proc
-    finally:
-        proc.kill()
-        proc.wait()
+child = pytest.fixture(sleeping_process, name="child")
 
 
 def controller(tmp_path: Path, name: str) -> Controller:
