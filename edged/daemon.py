@@ -647,6 +647,11 @@ class Daemon:
                 self.history = History(self._history_capacity(new))
         if new.budget != old.budget:
             self.budgets.configure(lending_of(new.budget))  # reserves: at the next tick
+        if new.limits != old.limits and self.controller is not None:
+            # the strategy, the alerts, the pressure levels and the budgets' capacity all read
+            # the limits from the controller's state, built each tick: in force from the next
+            self.controller.limits = new.limits
+            log.info("[limits] changed: in force from the next tick")
         if new.alerts != old.alerts and self.controller is not None:
             # pending alerts are held against the new times from the next tick on
             self.controller.alerts.for_s = new.alerts.for_s

@@ -179,3 +179,29 @@ def test_sighup_applies_new_hold_times_to_a_pending_alert(
         ]
     finally:
         assert daemon.stop() == 0
+
+
+def test_sighup_puts_new_limits_in_force(tmp_path: Path, fixture_tree: FixtureTree) -> None:
+    """A reloaded [limits] is what the next tick judges by: health, alerts and the budgets'
+    capacity follow the file, not the limits edged started with."""
+    root = fixture_tree("jetson/orin-nano-jp6")  # 2.28 GiB used of 7.44 GiB
+    config = tmp_path / "edged.toml"
+    config.write_text('[limits.memory]\nsoft = "6GiB"\nhard = "7GiB"\n[alerts]\nfor = "200ms"\n')
+    daemon = start_daemon(
+        tmp_path, "--config", str(config), "--root", str(root), "--dry-run",
+        env={"STATE_DIRECTORY": str(tmp_path / "state")},
+    )  # fmt: skip
+    try:
+        wait_until(lambda: daemon.call("status")["ticks"] >= 2, 10, "two ticks")
+        assert daemon.call("status")["health"] == "ok"
+        capacity = daemon.call("budget.list")["capacity"]["memory"]
+        assert capacity == 7 * 2**30
+        config.write_text(
+            '[limits.memory]\nsoft = "1GiB"\nhard = "3GiB"\n[alerts]\nfor = "200ms"\n'
+        )
+        daemon.signal(signal.SIGHUP)
+        wait_until(lambda: active(daemon) == {"warning": "firing"}, 10, "the alert firing")
+        assert daemon.call("status")["health"] == "warning"
+        assert daemon.call("budget.list")["capacity"]["memory"] == 3 * 2**30
+    finally:
+        assert daemon.stop() == 0
