@@ -117,27 +117,18 @@ class Client:
                 self.reconnects += 1
             self._connected_once = True
             if self._hello_name is not None:  # the daemon knows clients by their hello
-                try:
-                    reply = self._exchange(
-                        "hello", hello_params(self._hello_name), self.timeout_s, retry=False
-                    )
-                except _Broken as exc:
-                    self._close_socket()
-                    raise DaemonUnavailable(
-                        f"edged on {self.path} hung up: {exc}", self.path
-                    ) from exc
-                result_of(reply)
+                self._handshake("hello", hello_params(self._hello_name))
             if self._topics:  # subscriptions die with a connection: renew them
-                try:
-                    reply = self._exchange(
-                        "subscribe", subscribe_params(self._topics), self.timeout_s, retry=False
-                    )
-                except _Broken as exc:
-                    self._close_socket()
-                    raise DaemonUnavailable(
-                        f"edged on {self.path} hung up: {exc}", self.path
-                    ) from exc
-                result_of(reply)
+                self._handshake("subscribe", subscribe_params(self._topics))
+
+    def _handshake(self, method: str, params: dict[str, Any]) -> None:
+        """One call a fresh connection starts with (no retry: we are connecting)."""
+        try:
+            reply = self._exchange(method, params, self.timeout_s, retry=False)
+        except _Broken as exc:
+            self._close_socket()
+            raise DaemonUnavailable(f"edged on {self.path} hung up: {exc}", self.path) from exc
+        result_of(reply)
 
     def _reconnect(self) -> None:
         """Connect with bounded exponential backoff (the daemon may be restarting)."""
