@@ -26,9 +26,11 @@ import pytest
 from edged.client import Client
 from tests.budget_util import ClientProcess, Connection, InTest
 from tests.daemon_util import RunningDaemon, start_daemon
-from tests.test_cooperative_e2e import HOLDER, tell
+from tests.test_cooperative_e2e import hold_memory, tell
 
 MiB = 1 << 20
+
+holder = pytest.fixture(hold_memory, name="holder")
 CGROUP = Path("/sys/fs/cgroup")
 NOTICE_S = 1.0
 
@@ -163,21 +165,6 @@ def test_idle_budget_is_lent_and_taken_back_when_the_lender_reports_use(
         assert "borrowed" not in entry
         assert "lent" not in lease_entry(a, lender)
         assert lease_entry(a, lender)["granted"] == {"memory": 6 * unit}
-
-
-@pytest.fixture
-def holder() -> Iterator[subprocess.Popen[str]]:
-    p = subprocess.Popen(
-        [sys.executable, "-c", HOLDER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    assert p.stdout is not None
-    assert p.stdout.readline().strip() == "ready"
-    yield p
-    p.kill()
-    p.wait(timeout=10)
-    for stream in (p.stdin, p.stdout):
-        if stream is not None:
-            stream.close()
 
 
 def test_a_lender_whose_process_grows_takes_its_loan_back_and_a_compliant_borrower_keeps_min(

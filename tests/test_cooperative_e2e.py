@@ -44,8 +44,9 @@ for line in sys.stdin:
 DEADLINE_S = 2.0
 
 
-@pytest.fixture
-def holder() -> Iterator[subprocess.Popen[str]]:
+def hold_memory() -> Iterator[subprocess.Popen[str]]:
+    """A child that maps and touches N MiB per line on its stdin (0 frees it all); a test
+    module takes it as a fixture: ``holder = pytest.fixture(hold_memory, name="holder")``."""
     p = subprocess.Popen(
         [sys.executable, "-c", HOLDER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
@@ -57,6 +58,9 @@ def holder() -> Iterator[subprocess.Popen[str]]:
     for stream in (p.stdin, p.stdout):
         if stream is not None:
             stream.close()
+
+
+holder = pytest.fixture(hold_memory, name="holder")
 
 
 def tell(p: subprocess.Popen[str], mib: int) -> None:

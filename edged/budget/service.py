@@ -72,6 +72,20 @@ _MEASURED = {
 }
 
 
+def use_by_pid(readings: Iterable[Reading]) -> dict[int, dict[str, float]]:
+    """What each process uses per budget resource in one tick's readings: its RSS, its
+    user + system CPU in cores, its GPU memory summed over GPUs."""
+    used: dict[int, dict[str, float]] = {}
+    for r in readings:
+        key = _MEASURED.get(r.metric)
+        pid = r.attributes.get("process.pid")
+        if key is None or not isinstance(pid, int):
+            continue
+        per = used.setdefault(pid, {})
+        per[key] = per.get(key, 0.0) + r.value
+    return used
+
+
 class LeaseEnforcer(Protocol):
     """Makes a granted lease real (a group with the granted limits) and lifts it again."""
 
@@ -187,14 +201,7 @@ class BudgetService:
         recalled (``budget.shrink`` reason ``reclaim`` to the borrowers)."""
         if self.ledger.lending is None or not self.ledger.leases:
             return
-        used: dict[int, dict[str, float]] = {}
-        for r in readings:
-            key = _MEASURED.get(r.metric)
-            pid = r.attributes.get("process.pid")
-            if key is None or not isinstance(pid, int):
-                continue
-            per = used.setdefault(pid, {})
-            per[key] = per.get(key, 0.0) + r.value
+        used = use_by_pid(readings)
         change = Change()
         for lease in list(self.ledger.leases.values()):
             change.merge(self.ledger.observe(lease.id, used.get(lease.target_pid, {})))
@@ -207,14 +214,9 @@ class BudgetService:
         holders = [lease for lease in self.ledger.leases.values() if "gpu_memory" in lease.granted]
         if not holders:
             return
-        used: dict[int, float] = {}
-        for r in readings:
-            if r.metric == "hw.gpu.process.memory.usage":
-                pid = r.attributes.get("process.pid")
-                if isinstance(pid, int):
-                    used[pid] = used.get(pid, 0.0) + r.value
+        used = use_by_pid(readings)
         for lease in holders:
-            now = used.get(lease.target_pid, 0.0)
+            now = used.get(lease.target_pid, {}).get("gpu_memory", 0.0)
             before = self._gpu_used.get(lease.id, 0.0)
             granted = lease.granted["gpu_memory"]
             if now > granted >= before:

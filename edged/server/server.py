@@ -286,8 +286,8 @@ class Server:
         self._tasks: set[asyncio.Task[Any]] = set()  # handlers that suspended
         self.closing = False
         # the sampling tick's next deadline (loop time), set by the daemon: from then until
-        # :meth:`release` the server reads no more requests, so that a busy socket delays the
-        # tick by at most the request being answered (see :meth:`hold`)
+        # :meth:`release` the server answers no more requests (it still reads them), so that
+        # a busy socket delays the tick by at most the request being answered (see hold)
         self.tick_due_s = math.inf
         self._held: set[_Connection] = set()
 
