@@ -112,6 +112,8 @@ class Level(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     def __post_init__(self) -> None:
         for name in ("soft", "hard"):
             value = getattr(self, name)
+            if value == AUTO:
+                continue  # memory only (checked by Limits): sized to the machine
             if isinstance(value, str) and not value.strip().endswith("%"):
                 parse_size_bytes(value)  # raises ValueError with the expected forms
             if isinstance(value, str) and value.strip().endswith("%"):
@@ -120,19 +122,34 @@ class Level(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                     raise ValueError(f"{name}: a percentage must be in (0, 100]; got {value!r}")
 
 
+#: a memory level sized to the machine (see edged.policy.inputs.auto_memory_levels)
+AUTO = "auto"
+
+
 class Limits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    memory: Level = msgspec.field(default_factory=lambda: Level(soft="90%", hard="95%"))
+    """``[limits]``. Memory defaults to ``"auto"``: levels that leave a reserve suited to the
+    machine's size (5 % of it, at least 256 MiB or 10 %, at most 2 GiB, for hard; twice that
+    for soft), where a fixed percentage would leave 1.2 GiB on 24 GiB but 200 MiB on 4 GiB."""
+
+    memory: Level = msgspec.field(default_factory=lambda: Level(soft=AUTO, hard=AUTO))
     cpu: Level = msgspec.field(default_factory=Level)
     gpu_memory: Level = msgspec.field(default_factory=Level)
     power: Level = msgspec.field(default_factory=Level)
     temperature: Level = msgspec.field(default_factory=Level)
 
+    def __post_init__(self) -> None:
+        for name in ("cpu", "gpu_memory", "power", "temperature"):
+            level: Level = getattr(self, name)
+            if AUTO in (level.soft, level.hard):
+                raise ValueError(f"{name}: 'auto' is for memory only")
+
 
 class Sampling(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     interval: float | int | str = 1.0
     history: float | int | str = 300.0
-    # which processes are sampled every tick: those matched by a [[rules]] entry, all, or none
-    processes: Literal["rules", "all", "none"] = "rules"
+    # which processes are candidates: every user-space process (the default: protection
+    # needs no rules), only those a [[rules]] entry matches, or none
+    processes: Literal["rules", "all", "none"] = "all"
     rescan: float | int | str = 5.0  # how often /proc is listed for new processes
 
     def __post_init__(self) -> None:

@@ -9,6 +9,7 @@ transitions (:mod:`edged.alerts`) go into the same ring, as events with ``action
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Mapping
@@ -20,6 +21,7 @@ import msgspec
 from edged.alerts import Alert, AlertState, AlertTracker, describe
 from edged.config import Limits
 from edged.enforce.enforcer import Enforcer, Outcome, Status
+from edged.enforce.signals import EnforceError
 from edged.policy.base import (
     Action,
     ActionKind,
@@ -44,6 +46,8 @@ ALERT_ACTION = "alert"
 STRATEGY_ACTION = "strategy"
 # the reason of the unthrottle/thaw events that undo an old strategy's work after a switch
 SWITCH_REASON = "strategy-switch"
+# while edged holds anything, groups and units of exited processes are looked for this often
+GC_INTERVAL_S = 5.0
 
 
 class Event(msgspec.Struct, frozen=True):
@@ -102,6 +106,7 @@ class Controller:
         # after a switch to a strategy that does not adopt what is imposed: the old
         # strategy's name, whose throttles and freezes the next tick lifts
         self._lift_for: str | None = None
+        self._gc_at_s = -math.inf  # the last Enforcer.gc (see _collect)
 
     def step(
         self, snapshot: Snapshot, interval_s: float, start_ticks: Mapping[int, int]
@@ -110,8 +115,10 @@ class Controller:
         processes that are gone are dropped first (the kernel undid them when the process
         exited); GPU limits stay. Returns the action events (alert transitions go to the ring
         only)."""
-        for key in [k for k in self.imposed if k[3] is None and k[0] not in start_ticks]:
+        gone = [k for k in self.imposed if k[3] is None and k[0] not in start_ticks]
+        for key in gone:
             del self.imposed[key]
+        self._collect(snapshot.monotonic_s, bool(gone))
         lever = self.enforcer.gpus
         state = build_state(
             snapshot,
@@ -136,6 +143,25 @@ class Controller:
             self.last_state = state
         actions = self.strategy.decide(state)
         return events + [self._apply(action, state) for action in actions]
+
+    def _collect(self, now_s: float, someone_left: bool) -> None:
+        """Lift what edged imposed on processes that have exited (a unit's MemoryHigh, a
+        child group under another manager's group, edged's own ``pid-N`` groups): at once
+        when a victim left, else every ``GC_INTERVAL_S`` while anything is recorded. A
+        killed hog's unit must not keep edged's limit into its restart."""
+        data = self.enforcer.store.data
+        if self.enforcer.dry_run or not (data.groups or data.units or data.stopped):
+            return
+        if not someone_left and now_s - self._gc_at_s < GC_INTERVAL_S:
+            return
+        self._gc_at_s = now_s
+        try:
+            removed = self.enforcer.gc()
+        except EnforceError as exc:
+            log.warning("gc: %s", exc)
+            return
+        if removed:
+            log.info("gc: removed %d group(s) of exited processes", removed)
 
     def switch(self, strategy: Strategy, reason: str, who: str = "") -> Event:
         """Decide with ``strategy`` from the next tick on; returns the switch event.

@@ -51,6 +51,9 @@ FAST_INTERVAL_S = 0.02
 MEMORY_FILL_RATE_BYTES_S = 6000 * (1 << 20)
 # While the tick is shortened, /proc is listed for new processes at least this often.
 PRESSURE_RESCAN_S = 0.1
+# A tick this short or shorter (memory within ~1.2 GiB of soft at the fill rate above, or a
+# resource over soft) reads every process, not only the hot ones (see sensors/processes.py).
+URGENT_STEP_S = 0.2
 # the GIL switch interval while the daemon runs (see Daemon.run)
 SWITCH_INTERVAL_S = 0.001
 # what ``subscribe`` accepts (DESIGN section 6)
@@ -426,10 +429,14 @@ class Daemon:
             finally:
                 self.server.release()  # answer the requests that waited for this tick
             step_s = self._next_interval_s(interval_s)
-            if step_s < interval_s and self._processes is not None:
-                # near or over a limit: a culprit started since the last /proc listing must
-                # not wait up to [sampling] rescan to be seen
-                self._processes.hurry(PRESSURE_RESCAN_S)
+            if self._processes is not None:
+                # near or over a limit: every process is read each tick (no cold tier), so
+                # victims are ranked on fresh figures
+                self._processes.urgent = step_s <= URGENT_STEP_S
+                if step_s < interval_s:
+                    # a culprit started since the last /proc listing must not wait up to
+                    # [sampling] rescan to be seen
+                    self._processes.hurry(PRESSURE_RESCAN_S)
             deadline_s += step_s
             now_s = loop.time()
             if deadline_s <= now_s:  # overran: skip the missed deadlines, keep the phase

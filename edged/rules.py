@@ -1,8 +1,24 @@
-"""Classify processes into classes (critical, normal, besteffort) by the ``[[rules]]`` table.
+"""Classify processes into classes (critical, normal, besteffort): built-in defaults, refined
+by the ``[[rules]]`` table.
 
-Matching reads ``cmdline``, ``exe`` and ``cgroup`` once, when a process is first seen, never per
-tick. The first rule whose every given matcher matches decides; no match means "unmatched"
-(the caller decides whether an unmatched process is watched at all).
+Matching reads ``cmdline``, ``exe``, ``cgroup`` and ``oom_score_adj`` once, when a process is
+first seen, never per tick. The first rule whose every given matcher matches decides; no match
+means "unmatched" (the caller decides whether an unmatched process is watched at all).
+
+Built-in classes (DESIGN section 4: every process is a candidate by default, and rules refine
+the defaults, they never switch protection on). :func:`builtin_class` says ``critical`` for
+
+- the init system and the services a machine cannot lose: the processes of ``init.scope``,
+  ``systemd-*.service``, ``dbus*.service``, ``ssh(d).service`` and the getty units, and, by
+  command name wherever they run (a machine without systemd, a container), ``systemd``,
+  journald, logind, udevd, ``dbus-daemon``/``dbus-broker``, ``sshd`` (each session's too, so an
+  operator keeps the shell they are fixing the machine from) and the gettys;
+- a process whose ``oom_score_adj`` is -1000: the kernel's own "never kill this" mark, set by
+  ``OOMScoreAdjust=-1000`` or by an operator.
+
+A ``[[rules]]`` entry that names such a service wins over this (a user's explicit word). What no
+rule can change: pid 1, kernel threads (never sampled), edged itself and its ancestors (the
+sensor marks them, see :class:`~edged.sensors.processes.ProcessSensor`).
 """
 
 from __future__ import annotations
@@ -28,6 +44,8 @@ class ProcessInfo:
     uid: int
     cgroup: str  # unified (v2) path if any, else the memory controller's path
     start_ticks: int  # field 22 of stat: tells a reused pid from the process we knew
+    oom_score_adj: int = 0  # -1000: the kernel never OOM-kills it, and nor does edged
+    ppid: int = 0
 
     @property
     def unit(self) -> str | None:
@@ -68,6 +86,10 @@ def read_process_info(proc: Path, pid: int) -> ProcessInfo | None:
         exe = os.readlink(base / "exe")
     except OSError:
         exe = ""
+    try:
+        oom_score_adj = int((base / "oom_score_adj").read_bytes())
+    except (OSError, ValueError):
+        oom_score_adj = 0
     cgroup = ""
     try:
         for line in (base / "cgroup").read_text().splitlines():
@@ -87,7 +109,61 @@ def read_process_info(proc: Path, pid: int) -> ProcessInfo | None:
         uid=uid,
         cgroup=cgroup,
         start_ticks=int(fields[19]),
+        oom_score_adj=oom_score_adj,
+        ppid=int(fields[1]),
     )
+
+
+# command names (comm, at most 15 characters: "systemd-journal" is journald) never acted on
+CRITICAL_NAMES = frozenset(
+    {
+        "init",
+        "systemd",
+        "systemd-journal",
+        "systemd-logind",
+        "systemd-udevd",
+        "systemd-oomd",
+        "dbus-daemon",
+        "dbus-broker",
+        "dbus-broker-lau",
+        "sshd",
+        "sshd-session",  # OpenSSH 9.8+ splits each session into its own binary
+        "agetty",
+        "getty",
+        "mingetty",
+    }
+)
+_CRITICAL_UNIT_RE = re.compile(
+    r"^(?:init\.scope|systemd-[^/]*\.service|dbus(?:-broker)?\.service|sshd?\.service"
+    r"|(?:serial-|container-)?getty@[^/]*\.service|console-getty\.service)$"
+)
+NEVER_KILL_OOM_SCORE_ADJ = -1000
+
+
+def builtin_class(info: ProcessInfo) -> str | None:
+    """``critical`` for the init system's own units, journald, dbus, sshd, the gettys and a
+    process the kernel is told never to OOM-kill; None (no opinion) otherwise."""
+    if info.name in CRITICAL_NAMES or info.oom_score_adj <= NEVER_KILL_OOM_SCORE_ADJ:
+        return "critical"
+    unit = info.unit
+    if unit is not None and _CRITICAL_UNIT_RE.match(unit):
+        return "critical"
+    return None
+
+
+def ancestry(proc: Path, pid: int) -> frozenset[tuple[int, int]]:
+    """(pid, start_ticks) of ``pid`` and each of its ancestors up to (not including) pid 1:
+    edged and whatever started it (a shell, a supervisor) are never acted on."""
+    found: set[tuple[int, int]] = set()
+    while pid > 1 and len(found) < 64:
+        try:
+            raw = (proc / str(pid) / "stat").read_bytes()
+        except OSError:
+            break
+        _comm, fields = parse_stat_fields(raw)
+        found.add((pid, int(fields[19])))
+        pid = int(fields[1])
+    return frozenset(found)
 
 
 class Classifier:

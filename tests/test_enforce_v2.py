@@ -159,11 +159,8 @@ def test_groups_and_remove(tree: Path) -> None:
         v2.remove(GROUP)  # files in it: on tmpfs that is "not empty"
 
 
-def test_enforcer_and_restore_drive_v2(tree: Path, tmp_path: Path) -> None:
-    v2 = backend(tree)
-    store = StateStore(tmp_path / "state")
-    enf = Enforcer(v2, Signaller(proc=tree / "proc"), store, False, lambda _a: True)
-    throttle = Action(
+def memory_throttle(target_bytes: int = 300 << 20) -> Action:
+    return Action(
         ActionKind.THROTTLE,
         PID,
         Resource.MEMORY,
@@ -171,20 +168,73 @@ def test_enforcer_and_restore_drive_v2(tree: Path, tmp_path: Path) -> None:
         "dynamic",
         ProcessClass.NORMAL,
         start_ticks=START_TICKS,
-        target=float(300 << 20),
+        target=float(target_bytes),
     )
-    assert enf.apply(throttle).status is Status.DONE
+
+
+def test_enforcer_and_restore_drive_v2_for_a_process_in_the_root(
+    tree: Path, tmp_path: Path
+) -> None:
+    # a process in the root group (no manager's limits to keep) goes into edged's subtree
+    (tree / "proc" / str(PID) / "cgroup").write_text("0::/\n")
+    (tree / "cgroup" / "user.slice" / "cgroup.procs").write_text("")
+    (tree / "cgroup" / "cgroup.procs").write_text(f"{PID}\n")
+    v2 = backend(tree)
+    store = StateStore(tmp_path / "state")
+    enf = Enforcer(v2, Signaller(proc=tree / "proc"), store, False, lambda _a: True)
+    assert enf.apply(memory_throttle()).status is Status.DONE
     assert text(tree, f"{GROUP}/memory.high") == str(300 << 20)
     assert text(tree, f"{GROUP}/cgroup.procs") == str(PID)
     saved = StateStore(tmp_path / "state").data.groups[GROUP]
-    assert saved.origins == {str(PID): {"": "/user.slice"}}
+    assert saved.origins == {str(PID): {"": "/"}}
     assert saved.memory_high_bytes == 300 << 20
 
     restored = restore_all(StateStore(tmp_path / "state"), backend(tree), Signaller())
     assert restored == 1
     assert text(tree, f"{GROUP}/memory.high") == "max"
-    assert text(tree, "user.slice/cgroup.procs") == str(PID)
+    assert text(tree, "cgroup.procs") == str(PID)
     assert StateStore(tmp_path / "state").data.empty()
+
+
+def test_a_process_alone_in_another_managers_group_is_throttled_there(
+    tree: Path, tmp_path: Path
+) -> None:
+    """It keeps every limit its group has: never moved, the group's own values written back
+    when edged lets go (after a crash too), the group never removed."""
+    group = tree / "cgroup" / "user.slice"
+    seed(group, {**GROUP_FILES, "cgroup.procs": f"{PID}\n", "memory.max": "1073741824\n"})
+    (group / "memory.high").write_text("805306368\n")  # what its manager set
+    v2 = backend(tree)
+    store = StateStore(tmp_path / "state")
+    enf = Enforcer(v2, Signaller(proc=tree / "proc"), store, False, lambda _a: True)
+    assert enf.apply(memory_throttle()).status is Status.DONE
+    assert text(tree, "user.slice/memory.high") == str(300 << 20)
+    assert text(tree, "user.slice/memory.max") == "1073741824"  # its hard limit still binds
+    assert text(tree, "user.slice/cgroup.procs") == str(PID)  # not moved
+    assert text(tree, f"{GROUP}/cgroup.procs") == ""
+    saved = StateStore(tmp_path / "state").data.groups["user.slice"]
+    assert saved.layout["memory.high"] == "805306368"
+
+    # a crash, then the restore of the next start: the manager's value is back
+    restored = restore_all(StateStore(tmp_path / "state"), backend(tree), Signaller())
+    assert restored == 1
+    assert text(tree, "user.slice/memory.high") == "805306368"
+    assert group.is_dir()
+    assert StateStore(tmp_path / "state").data.empty()
+
+
+def test_a_process_sharing_another_managers_group_is_not_moved_out(
+    tree: Path, tmp_path: Path
+) -> None:
+    (tree / "cgroup" / "user.slice" / "cgroup.procs").write_text(f"{PID}\n{PID + 1}\n")
+    v2 = backend(tree)
+    store = StateStore(tmp_path / "state")
+    enf = Enforcer(v2, Signaller(proc=tree / "proc"), store, False, lambda _a: True)
+    outcome = enf.apply(memory_throttle())
+    assert outcome.status is Status.FAILED
+    assert "shares its group" in outcome.reason
+    assert text(tree, "user.slice/cgroup.procs") == f"{PID}\n{PID + 1}"
+    assert text(tree, f"{GROUP}/cgroup.procs") == ""
 
 
 def test_detect_by_what_is_mounted(tmp_path: Path) -> None:

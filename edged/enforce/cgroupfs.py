@@ -1,10 +1,27 @@
 """Direct cgroupfs writes under a subtree edged owns (DESIGN section 5, ``cgroupfs``).
 
-edged only ever writes inside its own subtree (``edged/`` by default; tests pass
-``edged-test-<uuid>``): a victim is *moved* into ``<subtree>/<name>`` and the limits are set on
-that group, never on a group that another manager (systemd, a container runtime) owns. Where a
-process came from is read from ``/proc/<pid>/cgroup`` before it is moved (:meth:`where`), so
-:meth:`release` can put it back and the process keeps working where it was.
+edged only ever writes groups it made, and **a victim keeps every limit it was under**
+(DESIGN section 5): it is never moved out of a group that another manager (a container runtime,
+a systemd unit, a user's own cgroup) made. :meth:`group_for` decides where edged acts on a
+process, from ``/proc/<pid>/cgroup``:
+
+- a process in the root group, in the group edged's subtree lives in (the root, or the governed
+  ``[scope]`` group), or in one of edged's own groups: ``<subtree>/pid-<pid>`` as before;
+- **v1**, a process in another manager's group ``G`` (per controller): a child group
+  ``G/edged-pid-<pid>`` made *under* it, so ``G``'s limits still bind it (v1 memory is
+  hierarchical: a child's charges count in its parent, and what it held before the move stays
+  charged to ``G``). ``G``'s own files are never written;
+- **v2**, a process alone in another manager's group (and no child groups below it): that group
+  itself, its ``memory.high``, ``memory.max`` and ``cpu.max`` read first and written back when
+  edged lets go (:meth:`remove`); the group is never removed. A process that shares its v2 group
+  with others cannot be given a limit of its own without moving it out (the no-internal-process
+  rule forbids a child group beside processes), so :meth:`group_for` raises
+  :class:`NotPlaceable`: the enforcer stops it with SIGSTOP instead of freezing a group, and its
+  throttle fails (the ladder goes on to freeze and terminate). Where PID 1 is systemd the
+  enforcer acts on the unit through D-Bus and never gets here.
+
+Where a process came from is read before it is moved (:meth:`where`), so :meth:`release` can
+put it back and the process keeps working where it was.
 
 Two hierarchies, one interface:
 
@@ -53,6 +70,13 @@ MIN_CPU_QUOTA_US = 1_000  # the kernel refuses quotas under 1 ms
 V1_UNLIMITED = "-1"
 V1_CONTROLLERS = ("memory", "cpu", "freezer")
 MiB = 1 << 20
+# a group edged makes inside another manager's group: <their group>/edged-pid-<pid>
+NESTED_PREFIX = "edged-pid-"
+
+
+class NotPlaceable(CgroupError):
+    """No group edged could act in without taking the process out of limits another manager
+    set (v2: it shares its group with other processes)."""
 
 
 class CgroupBackend(Protocol):
@@ -68,6 +92,24 @@ class CgroupBackend(Protocol):
 
     def place(self, pid: int, group_name: str) -> str:
         """Move ``pid`` into ``<subtree>/<group_name>`` (created if needed); the group path."""
+        ...
+
+    def group_for(self, pid: int) -> str:
+        """Where edged acts on ``pid`` without taking it out of any group another manager
+        made (see the module docstring); raises :class:`NotPlaceable` where there is none.
+        The group is not made yet: :meth:`place_in` does that."""
+        ...
+
+    def place_in(self, pid: int, group: str) -> str:
+        """Make ``group`` (a :meth:`group_for` answer) if needed and move ``pid`` into it."""
+        ...
+
+    def layout(self, group: str) -> dict[str, str]:
+        """What to record to find ``group`` again after a restart (see :meth:`adopt`)."""
+        ...
+
+    def adopt(self, group: str, layout: Mapping[str, str]) -> None:
+        """Know ``group`` again from a recorded :meth:`layout` (the restore after a crash)."""
         ...
 
     def release(self, pid: int, origin: Mapping[str, str] | None = None) -> bool:
@@ -143,6 +185,8 @@ class _Base:
         self.subtree = subtree.strip("/")
         self.proc = proc
         self._origins: dict[int, dict[str, str]] = {}
+        # the group edged's subtree sits in: "" (the root) or the governed [scope] group
+        self.parent = self.subtree.rpartition("/")[0]
 
     def _group(self, group_name: str) -> str:
         if not group_name or "/" in group_name or group_name in (".", ".."):
@@ -150,13 +194,32 @@ class _Base:
         return f"{self.subtree}/{group_name}"
 
     def _own(self, group: str) -> str:
-        """Refuse any path outside edged's subtree: edged never writes another's group."""
+        """Refuse any path that is not one of edged's groups: inside its subtree, or a child
+        ``edged-pid-*`` group it made under another manager's group. edged never writes another
+        manager's group (v2's adopted groups are reached through :meth:`_dir` only)."""
         group = group.strip("/")
-        if (group != self.subtree and not group.startswith(self.subtree + "/")) or ".." in (
-            group.split("/")
-        ):
+        if ".." in group.split("/") or not self._is_own(group):
             raise CgroupError(group, "access", f"outside edged's subtree {self.subtree!r}")
         return group
+
+    def _is_own(self, path: str) -> bool:
+        path = path.strip("/")
+        if path == self.subtree or path.startswith(self.subtree + "/"):
+            return True
+        return path.rpartition("/")[2].startswith(NESTED_PREFIX)
+
+    def _in_subtree_place(self, path: str) -> bool:
+        """Whether a process at ``path`` goes into edged's subtree: the root, the group the
+        subtree sits in, or a group edged made."""
+        path = path.strip("/")
+        return path in ("", self.parent) or self._is_own(path)
+
+    @staticmethod
+    def _nested(path: str, pid: int) -> str:
+        base = path.strip("/")
+        if base.rpartition("/")[2].startswith(NESTED_PREFIX):  # already in one of ours
+            base = base.rpartition("/")[0]
+        return f"{base}/{NESTED_PREFIX}{pid}"
 
     def _write(self, path: Path, value: str, group: str, pid: int | None = None) -> None:
         # O_TRUNC without O_CREAT: cgroupfs files exist or the controller is missing
@@ -242,12 +305,15 @@ class CgroupV1(_Base):
         # A controller is used where its tree has the subtree's parent: the root for the default
         # "edged", the governed group for a scope ("bench/edged"). edged never creates groups
         # outside its subtree, so a scope that exists only in some trees uses only those.
-        parent = self.subtree.rpartition("/")[0]
+        parent = self.parent
         self.controllers = tuple(
             c
             for c in V1_CONTROLLERS
             if (root / c / "cgroup.procs").exists() and (root / c / parent).is_dir()
         )
+        # group -> controller -> path, for groups whose path differs from the group's name
+        # in some tree (a child under another manager's group: see group_for)
+        self._layouts: dict[str, dict[str, str]] = {}
         self.can_freeze = "freezer" in self.controllers
         self.backstop_fraction = backstop_fraction
         self.backstop_min_bytes = backstop_min_bytes
@@ -255,7 +321,47 @@ class CgroupV1(_Base):
         self._max_bytes: dict[str, int] = {}
 
     def _dir(self, controller: str, group: str) -> Path:
+        layout = self._layouts.get(group.strip("/"))
+        if layout is not None and controller in layout:
+            return self.root / controller / self._own(layout[controller])
         return self.root / controller / self._own(group)
+
+    def group_for(self, pid: int) -> str:
+        """Per controller: edged's subtree for a process in the root (or the scope group) or
+        in one of edged's groups, else a child ``edged-pid-<pid>`` under its group there."""
+        where = self.where(pid)
+        own = f"{self.subtree}/pid-{pid}"
+        layout = {
+            c: own if self._in_subtree_place(where.get(c, "/")) else self._nested(where[c], pid)
+            for c in self.controllers
+        }
+        # named by edged's own path where some tree uses it (the key stays "<subtree>/pid-N"
+        # wherever it can), else by the memory path
+        group = own if own in layout.values() or not layout else layout.get("memory", own)
+        if any(path != group for path in layout.values()):
+            self._layouts[group] = layout
+        else:
+            self._layouts.pop(group, None)
+        return group
+
+    def place_in(self, pid: int, group: str) -> str:
+        group = group.strip("/")
+        if pid not in self._origins:
+            self._origins[pid] = self.where(pid)
+        for c in self.controllers:
+            d = self._dir(c, group)
+            self._mkdir(d, group)
+            self._write(d / "cgroup.procs", str(pid), group, pid)
+        return group
+
+    def layout(self, group: str) -> dict[str, str]:
+        return dict(self._layouts.get(group.strip("/"), {}))
+
+    def adopt(self, group: str, layout: Mapping[str, str]) -> None:
+        if layout:
+            for path in layout.values():
+                self._own(path)  # a record names only edged's groups
+            self._layouts[group.strip("/")] = dict(layout)
 
     def where(self, pid: int) -> dict[str, str]:
         found: dict[str, str] = {}
@@ -391,6 +497,7 @@ class CgroupV1(_Base):
         removed = False
         for c in self.controllers:
             removed |= self._rmdir(self._dir(c, group), group)
+        self._layouts.pop(group, None)
         return removed
 
     def groups(self) -> list[str]:
@@ -410,9 +517,59 @@ class CgroupV2(_Base):
     def __init__(self, root: Path = SYS_CGROUP, subtree: str = "edged", proc: Path = PROC) -> None:
         super().__init__(root, subtree, proc)
         self.can_freeze = True  # cgroup.freeze exists in every non-root group since 5.2
+        # another manager's groups edged acts on (a process alone there): file -> the value
+        # it had before edged wrote it, put back by remove()
+        self._adopted: dict[str, dict[str, str]] = {}
 
     def _dir(self, group: str) -> Path:
+        group = group.strip("/")
+        if group in self._adopted:
+            return self.root / group
         return self.root / self._own(group)
+
+    def group_for(self, pid: int) -> str:
+        """edged's subtree for a process in the root (or the scope group) or one of edged's
+        groups; the process's own group where it is alone there and nothing is below it;
+        else :class:`NotPlaceable` (see the module docstring)."""
+        path = self.where(pid).get("", "/").strip("/")
+        if self._in_subtree_place(path):
+            return f"{self.subtree}/pid-{pid}"
+        d = self.root / path
+        if path in self._adopted or (
+            self._procs_in(d / "cgroup.procs") == [pid] and not _has_subdirs(d)
+        ):
+            if path not in self._adopted:
+                self._adopted[path] = {
+                    name: self._read(d / name, path).strip()
+                    for name in ("memory.high", "memory.max", "cpu.max")
+                    if (d / name).exists()
+                }
+            return path
+        raise NotPlaceable(
+            path,
+            "place",
+            "shares its group with other processes: a limit of its own would move it out "
+            "of the limits its group's manager set",
+            pid,
+        )
+
+    def place_in(self, pid: int, group: str) -> str:
+        group = group.strip("/")
+        if group in self._adopted:
+            return group  # it is already there
+        if pid not in self._origins:
+            self._origins[pid] = self.where(pid)
+        self._enable_controllers(group)
+        self._write(self._dir(group) / "cgroup.procs", str(pid), group, pid)
+        return group
+
+    def layout(self, group: str) -> dict[str, str]:
+        saved = self._adopted.get(group.strip("/"))
+        return {"adopted": "1", **saved} if saved is not None else {}
+
+    def adopt(self, group: str, layout: Mapping[str, str]) -> None:
+        if layout.get("adopted") == "1":
+            self._adopted[group.strip("/")] = {k: v for k, v in layout.items() if k != "adopted"}
 
     def _enable_controllers(self, group: str) -> None:
         """``+memory +cpu`` in subtree_control of every ancestor of ``group``."""
@@ -444,6 +601,9 @@ class CgroupV2(_Base):
     def release(self, pid: int, origin: Mapping[str, str] | None = None) -> bool:
         target = dict(origin) if origin is not None else self._origins.get(pid, {})
         path = target.get("", "/")
+        if path.strip("/") in self._adopted:  # it never left its group
+            self._origins.pop(pid, None)
+            return True
         if not self._move_back(_existing_ancestor(self.root, path), path, pid):
             return False
         self._origins.pop(pid, None)
@@ -500,6 +660,22 @@ class CgroupV2(_Base):
         return _kill_listed(pids, lambda: self.procs(group))
 
     def remove(self, group: str) -> bool:
+        """rmdir one of edged's groups; for an adopted group, put back the values it had
+        (it belongs to another manager and is never removed)."""
+        group = group.strip("/")
+        saved = self._adopted.get(group)
+        if saved is not None:
+            d = self.root / group
+            if not d.is_dir():  # its manager removed it (the process is gone)
+                del self._adopted[group]
+                return False
+            for name, value in saved.items():
+                if (d / name).exists():
+                    self._write(d / name, value, group)
+            if _events(self._read(d / "cgroup.events", group)).get("frozen") == "1":
+                self._write(d / "cgroup.freeze", "0", group)
+            del self._adopted[group]
+            return True
         return self._rmdir(self._dir(group), group)
 
     def groups(self) -> list[str]:
@@ -540,6 +716,13 @@ def _existing_ancestor(root: Path, path: str) -> Path:
     while d != root and not d.is_dir():
         d = d.parent
     return d
+
+
+def _has_subdirs(d: Path) -> bool:
+    try:
+        return any(entry.is_dir() for entry in os.scandir(d))
+    except OSError:
+        return False
 
 
 def _subdirs(root: Path, subtree: str) -> set[str]:

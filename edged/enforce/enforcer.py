@@ -15,7 +15,10 @@ dry-run mode, only logs it. Before acting it
 The ladder maps to the backends so:
 
 ======================  ==============================================================
-THROTTLE memory         move into ``<subtree>/pid-<pid>`` + memory high (v1: soft limit
+THROTTLE memory         move into the group :meth:`CgroupBackend.group_for` names (edged's
+                        ``<subtree>/pid-<pid>``, or a child ``edged-pid-<pid>`` *under* the
+                        process's own group on v1, or its own group on v2 where it is alone:
+                        it keeps every limit it was under) + memory high (v1: soft limit
                         and backstop, see :mod:`edged.enforce.cgroupfs`)
 THROTTLE cpu            move into the group + CPU quota (``target`` cores)
 FREEZE                  move into the group + freeze; SIGSTOP where there is no freezer
@@ -58,7 +61,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from edged.enforce.cgroupfs import CgroupBackend
+from edged.enforce.cgroupfs import CgroupBackend, NotPlaceable
 from edged.enforce.nvml import GpuPowerLever
 from edged.enforce.restore import StateStore, StoppedRecord, UnitRecord, restore_unit
 from edged.enforce.signals import (
@@ -334,14 +337,17 @@ class Enforcer:
         group = self.store.group_of(a.pid)
         if group is not None and a.pid in backend.procs(group):
             return group, False
-        # new, or a record left by an earlier process with this pid (not yet gc'd): re-place
-        group = f"{backend.subtree}/pid-{a.pid}"
-        self.store.group(group).origins[str(a.pid)] = backend.where(a.pid)
+        # new, or a record left by an earlier process with this pid (not yet gc'd): re-place,
+        # where the process keeps every limit it is under (CgroupBackend.group_for)
+        group = backend.group_for(a.pid)
+        record = self.store.group(group)
+        record.origins[str(a.pid)] = backend.where(a.pid)
+        record.layout = backend.layout(group)
         return group, True
 
     def _place(self, backend: CgroupBackend, a: Action, group: str, move: bool) -> None:
         if move:
-            backend.place(a.pid, group.rsplit("/", 1)[1])
+            backend.place_in(a.pid, group)
 
     def _throttle(self, a: Action) -> str | None:
         if a.target is None or a.target <= 0:
@@ -401,12 +407,16 @@ class Enforcer:
         # a process in a unit systemd cannot freeze gets SIGSTOP, never edged's cgroup freezer:
         # that would move it out of a cgroup systemd owns
         if unit is None and backend is not None and backend.can_freeze:
-            group, move = self._group_for(backend, a)
-            self.store.group(group).frozen = True
-            self.store.save()
-            self._place(backend, a, group, move)
-            backend.freeze(group)
-            return None
+            try:
+                group, move = self._group_for(backend, a)
+            except NotPlaceable as exc:  # no group of its own without leaving its limits
+                log.info("freezing pid=%d with SIGSTOP: %s", a.pid, exc.detail)
+            else:
+                self.store.group(group).frozen = True
+                self.store.save()
+                self._place(backend, a, group, move)
+                backend.freeze(group)
+                return None
         self.store.data.stopped[str(a.pid)] = StoppedRecord(a.start_ticks)
         self.store.save()
         self.signals.stop(a.pid, a.start_ticks)

@@ -61,6 +61,9 @@ class GroupRecord(msgspec.Struct, omit_defaults=True):
     memory_high_bytes: int | None = None
     memory_max_bytes: int | None = None
     cpu_quota_cores: float | None = None
+    # how to find the group again (CgroupBackend.layout): its path per v1 controller where
+    # they differ, or the values an adopted v2 group had before edged wrote it
+    layout: dict[str, str] = {}
 
     def throttled(self) -> bool:
         """Whether any limit is in force on the group."""
@@ -270,6 +273,9 @@ def restore_all(
                 restored += _restore_group(backend, group, record)
             except CgroupError as exc:  # e.g. a group under another [scope] than this run's
                 log.warning("restore: cannot restore %s: %s", group, exc)
+                continue
+            if not group.startswith(backend.subtree + "/"):
+                _remove(backend, group)  # a child under another's group, or an adopted one
         for group in backend.groups():  # also groups a crash left unrecorded or half-removed
             _remove(backend, group)
         _remove(backend, backend.subtree)
@@ -310,6 +316,8 @@ def restore_unit(units: SystemdUnits, name: str, record: UnitRecord) -> int:
 def _restore_group(backend: CgroupBackend, group: str, record: GroupRecord) -> int:
     """Thaw, lift limits and move everything in ``group`` back; pids that were not placed by
     edged (children forked inside the group) go where their parent's record says."""
+    if record.layout:
+        backend.adopt(group, record.layout)
     if record.frozen:
         try:
             backend.thaw(group)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping
 
-from edged.config import Level, Limits, parse_size_bytes
+from edged.config import AUTO, Level, Limits, parse_size_bytes
 from edged.policy.base import (
     GpuView,
     Imposed,
@@ -29,12 +29,35 @@ from edged.snapshot import AttrValue, Reading, Snapshot
 _BUSY_EXCLUDED = ("idle", "iowait")  # iowait is waiting, not computing
 
 
+MIB = 1 << 20
+AUTO_RESERVE_FRACTION = 0.05
+AUTO_RESERVE_MIN_BYTES = 256 * MIB
+AUTO_RESERVE_MAX_BYTES = 2048 * MIB
+
+
+def auto_memory_levels(total_bytes: float) -> tuple[float, float]:
+    """(soft, hard) used-memory levels for ``[limits.memory]`` ``"auto"`` (the default).
+
+    What must stay available at hard (the SIGTERM level) is a reserve that suits the
+    machine's size: 5 % of it, at least 256 MiB (or 10 % where that is less: a small scope),
+    at most 2 GiB. Below ~256 MiB available a machine without swap evicts its programs' own
+    code and thrashes before the kernel OOM killer acts; above 2 GiB a large server would
+    keep memory idle for nothing. Soft keeps twice the reserve available. So: 24 GiB -> hard
+    at 95 %, soft 90 %; 4 GiB -> 93.75 % / 87.5 %; 2 GiB -> 90 % / 80 %; 64 GiB -> 2 / 4 GiB
+    available.
+    """
+    floor = min(AUTO_RESERVE_MIN_BYTES, 0.10 * total_bytes)
+    reserve = min(max(AUTO_RESERVE_FRACTION * total_bytes, floor), AUTO_RESERVE_MAX_BYTES)
+    return total_bytes - 2 * reserve, total_bytes - reserve
+
+
 def resolve_level(
     value: float | int | str | None, resource: Resource, capacity: float | None
 ) -> float | None:
     """One soft/hard value in the resource's base unit; None when unset or unresolvable
-    (a percentage of a total this machine does not report)."""
-    if value is None:
+    (a percentage of a total this machine does not report). ``"auto"`` is resolved by
+    :func:`resolve_limits` (it needs to know which of the two levels it is)."""
+    if value is None or value == AUTO:
         return None
     if isinstance(value, str) and value.strip().endswith("%"):
         if capacity is None:
@@ -51,6 +74,13 @@ def resolve_limits(limits: Limits, capacity: Mapping[Resource, float]) -> dict[R
         level: Level = getattr(limits, resource.value)
         soft = resolve_level(level.soft, resource, capacity.get(resource))
         hard = resolve_level(level.hard, resource, capacity.get(resource))
+        total = capacity.get(resource)
+        if resource is Resource.MEMORY and total is not None and AUTO in (level.soft, level.hard):
+            auto_soft, auto_hard = auto_memory_levels(total)
+            if level.soft == AUTO:
+                soft = auto_soft if hard is None else min(auto_soft, hard)
+            if level.hard == AUTO:
+                hard = auto_hard if soft is None else max(auto_hard, soft)
         if soft is not None or hard is not None:
             out[resource] = Limit(resource, soft, hard)
     return out

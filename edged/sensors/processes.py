@@ -1,12 +1,26 @@
 """Per-process memory and CPU for the processes edged manages.
 
-Which processes: those a ``[[rules]]`` entry matches (``[sampling] processes = "rules"``), every
-user-space process (``"all"``), or none; plus any pid added with :meth:`ProcessSensor.watch`
-(budget clients). ``/proc`` is listed every ``rescan_s`` for new pids; a new pid's cmdline,
-exe and cgroup are read once, to classify it. Every tick then costs one ``pread`` call per
-process on a descriptor kept open (``stat``, which carries CPU times, start time and resident
-pages), so the cost is linear in the number of watched processes and independent of the number
-of processes on the machine.
+Which processes: every user-space process (``[sampling] processes = "all"``, the default: with
+no rules at all edged protects the machine), those a ``[[rules]]`` entry matches (``"rules"``),
+or none; plus any pid added with :meth:`ProcessSensor.watch` (budget clients). Each is given a
+class: its rule's, else the built-in one (:func:`edged.rules.builtin_class`: the init system,
+journald, dbus, sshd, gettys, ``oom_score_adj`` -1000), else ``normal``; edged itself and its
+ancestors are always ``critical``.
+
+``/proc`` is listed every ``rescan_s`` for new pids; a new pid's cmdline, exe and cgroup are
+read once, to classify it. A read then costs one ``pread`` per process on a descriptor kept
+open (``stat``: CPU times, start time, resident pages). Reading *every* process every tick
+would make edged's cost grow with the machine's process count, so reads are tiered:
+
+- **hot**, read every tick: processes at or above ``HOT_BYTES`` resident, those that grew by
+  ``HOT_GROWTH_BYTES`` or more since their previous read, those that used ``HOT_CORES`` or
+  more of a CPU, new ones (until their second read gives a CPU figure), and budget clients;
+- **cold**, the rest (shells, sleeping daemons, small helpers): read once per ``COLD_S``,
+  their previous readings repeated in between (so every process is in every snapshot, and a
+  cold one's CPU utilization is that of its last read);
+- **all**, every tick, while :attr:`ProcessSensor.urgent` is set: the daemon sets it whenever
+  memory is near or over a limit (its tick is then shortened), so a small process that starts
+  to grow fast is seen within one short tick, and victims are ranked on fresh figures.
 
 A vanished process makes pread fail with ESRCH: it is dropped, not reported as an error. A pid
 reused by a new process is told apart by its start time.
@@ -30,7 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edged.config import Rule
-from edged.rules import Classifier, ProcessInfo, read_process_info
+from edged.rules import Classifier, ProcessInfo, ancestry, builtin_class, read_process_info
 from edged.sensors.base import KeptFile, Roots, Sensor
 from edged.sensors.cpu import USER_HZ
 from edged.snapshot import Reading
@@ -47,6 +61,14 @@ YOUNG_S = 2.0
 # at most this many: a client asking for its next lease takes it back without reading /proc
 PARK_S = 5.0
 MAX_PARKED = 256
+# tiers (see the module docstring): a process this large, or growing this much between two
+# reads, is read every tick; the rest once per COLD_S. 64 MiB: on the smallest boards edged
+# runs on (2 GiB) a process under it cannot take the machine down within one cold period at
+# the growth that would keep it cold (< 4 MiB per read).
+HOT_BYTES = 64 << 20
+HOT_GROWTH_BYTES = 4 << 20
+HOT_CORES = 0.05
+COLD_S = 5.0
 
 
 @dataclass
@@ -65,6 +87,9 @@ class Watched:
     # the name as stat spells it at the first read (raw bytes: no decoding per tick); a
     # change later means exec or a rename, and the process is judged again
     comm: bytes | None = None
+    rss_bytes: int = -1  # at the last read (-1: not read yet)
+    hot: bool = True  # read every tick (see the module docstring); judged at each read
+    last: tuple[Reading, ...] = ()  # the readings of the last read, repeated while cold
 
     def __post_init__(self) -> None:
         self.attributes_changed()
@@ -109,6 +134,13 @@ class ProcessSensor(Sensor):
         self.in_scope: frozenset[int] | None = frozenset() if members is not None else None
         self._classifier = Classifier(rules)
         self._mode = mode
+        # edged and its ancestors: never acted on, whatever a rule says
+        self._ancestry = ancestry(Path(self._proc), os.getpid())
+        # set by the daemon while memory is near or over a limit: read every process each tick
+        self.urgent = False
+        # reads done / skipped (cold) by the last read(): what the tiers save, for the bench
+        self.last_reads = 0
+        self.last_skipped = 0
         self._rescan_s = rescan_s
         self._clock = clock
         self._next_scan_s = 0.0
@@ -206,9 +238,7 @@ class ProcessSensor(Sensor):
             if info is None:
                 self._known.add(pid)
                 continue
-            klass = self._classifier.classify(info)
-            if klass is None and self._mode == "all":
-                klass = "normal"
+            klass = self._class_of(info)
             if klass is not None:
                 self._known.add(pid)
                 self._add(info, klass)
@@ -221,6 +251,22 @@ class ProcessSensor(Sensor):
                 now_ticks = self._uptime_ticks()
             if now_ticks - info.start_ticks >= YOUNG_S * CLK_TCK:
                 self._known.add(pid)
+
+    def _class_of(self, info: ProcessInfo) -> str | None:
+        """edged and its ancestors critical; then the first matching rule; then (mode "all")
+        the built-in class or ``normal``. None: not sampled (mode "rules", no rule)."""
+        klass = self._classifier.classify(info)
+        if klass is None and self._mode == "all":
+            klass = builtin_class(info) or "normal"
+        if klass is not None and (info.pid, info.start_ticks) in self._ancestry:
+            return "critical"
+        return klass
+
+    def _scoped_class_of(self, info: ProcessInfo) -> str:
+        """A governed group's member is always sampled: rule, built-in, else normal."""
+        if (info.pid, info.start_ticks) in self._ancestry:
+            return "critical"
+        return self._classifier.classify(info) or builtin_class(info) or "normal"
 
     def scan_scope(self, members: ScopeMembers, relist: bool = False) -> None:
         """Watch the governed group's new members and drop the processes that left it.
@@ -240,7 +286,7 @@ class ProcessSensor(Sensor):
             info = read_process_info(self._path(), pid)
             if info is None:
                 continue
-            self._add(info, self._classifier.classify(info) or "normal")
+            self._add(info, self._scoped_class_of(info))
 
     def _start_watching(self) -> None:
         """Open the /proc files of the pids :meth:`watch` named since the last read (or take
@@ -282,7 +328,14 @@ class ProcessSensor(Sensor):
         out: list[Reading] = []
         gone: list[int] = []
         renamed: list[int] = []
+        urgent = self.urgent
+        cold_before_s = now_s - COLD_S
+        skipped = 0
         for pid, w in self.watched.items():
+            if not (urgent or w.hot or w.read_at_s <= cold_before_s or pid in self._explicit):
+                out.extend(w.last)  # cold: its last readings stand (see the module docstring)
+                skipped += 1
+                continue
             try:
                 raw = w.stat.read_bytes()
             except OSError as exc:
@@ -306,26 +359,29 @@ class ProcessSensor(Sensor):
                     # parent's name (and rule, and class); judge what it is now
                     renamed.append(pid)
                 w.comm = comm
-            out.append(
-                Reading("process.memory.usage", float(int(fields[21]) * PAGE_SIZE), w.memory_attrs)
-            )
+            rss_bytes = int(fields[21]) * PAGE_SIZE
+            memory = Reading("process.memory.usage", float(rss_bytes), w.memory_attrs)
             utime, stime = int(fields[11]), int(fields[12])
             if w.cpu_ticks is not None and now_s > w.read_at_s:
                 elapsed_ticks = (now_s - w.read_at_s) * USER_HZ
-                out.append(
-                    Reading(
-                        "process.cpu.utilization",
-                        max(0, utime - w.cpu_ticks[0]) / elapsed_ticks,
-                        w.user_attrs,
-                    )
+                user = max(0, utime - w.cpu_ticks[0]) / elapsed_ticks
+                system = max(0, stime - w.cpu_ticks[1]) / elapsed_ticks
+                w.last = (
+                    memory,
+                    Reading("process.cpu.utilization", user, w.user_attrs),
+                    Reading("process.cpu.utilization", system, w.system_attrs),
                 )
-                out.append(
-                    Reading(
-                        "process.cpu.utilization",
-                        max(0, stime - w.cpu_ticks[1]) / elapsed_ticks,
-                        w.system_attrs,
-                    )
+                # hot: large, growing, or busy (a CPU limit's victim is the top consumer)
+                w.hot = (
+                    rss_bytes >= HOT_BYTES
+                    or rss_bytes - w.rss_bytes >= HOT_GROWTH_BYTES
+                    or user + system >= HOT_CORES
                 )
+            else:  # a first read: the next tick reads it again, for its CPU utilization
+                w.last = (memory,)
+                w.hot = True
+            out.extend(w.last)
+            w.rss_bytes = rss_bytes
             w.cpu_ticks = (utime, stime)
             w.read_at_s = now_s
         for pid in gone:
@@ -334,6 +390,8 @@ class ProcessSensor(Sensor):
             self._known.discard(pid)  # a reused pid is judged afresh when it is seen again
         for pid in renamed:
             self._rejudge(pid)
+        self.last_skipped = skipped
+        self.last_reads = len(self.watched) - skipped
         return out
 
     def _rejudge(self, pid: int) -> None:
@@ -347,9 +405,7 @@ class ProcessSensor(Sensor):
             watched.info = info
             watched.attributes_changed()
             return
-        klass = self._classifier.classify(info)
-        if klass is None and self._mode == "all":
-            klass = "normal"
+        klass = self._scoped_class_of(info) if self._members is not None else self._class_of(info)
         if klass is None and self._members is None:
             self.watched.pop(pid).close()  # no rule names it any more
             return
