@@ -29,6 +29,7 @@ from edged.sampler import Sampler
 from edged.sensors import Roots, Sensor, SensorError, discover_all
 from edged.sensors.processes import ProcessSensor
 from edged.sensors.scope import ScopeSensor, open_scope
+from edged.sensors.wake import MemoryWake
 from edged.server import protocol
 from edged.server.server import Peer, Server, bind_unix_socket, default_socket_path
 from edged.snapshot import Snapshot, SourceStatus
@@ -54,6 +55,8 @@ PRESSURE_RESCAN_S = 0.1
 # A tick this short or shorter (memory within ~1.2 GiB of soft at the fill rate above, or a
 # resource over soft) reads every process, not only the hot ones (see sensors/processes.py).
 URGENT_STEP_S = 0.2
+# at most one tick woken early by the kernel (sensors/wake.py) per this much time
+WAKE_GAP_S = 0.01
 # the GIL switch interval while the daemon runs (see Daemon.run)
 SWITCH_INTERVAL_S = 0.001
 # what ``subscribe`` accepts (DESIGN section 6)
@@ -124,6 +127,11 @@ class Daemon:
         self.fast_interval_s = FAST_INTERVAL_S
         self._lock_fd = -1
         self._waiter: asyncio.Future[None] | None = None
+        # kernel notifications between ticks (sensors/wake.py), and what they did
+        self._wake: MemoryWake | None = None
+        self._woken_early = False
+        self._last_tick_s = 0.0
+        self.wakeups = 0
 
     @staticmethod
     def _history_capacity(config: config_mod.Config) -> int:
@@ -398,6 +406,7 @@ class Daemon:
             log.error("bad configuration: %s", exc)
             self._shutdown_parts()
             return EXIT_BAD_CONFIG
+        self._start_wake(loop)
         try:
             await self._start_server()
         except OSError as exc:
@@ -412,6 +421,50 @@ class Daemon:
             self._shutdown_parts()
         log.info("stopped after %d ticks", self.ticks)
         return 0
+
+    def _start_wake(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Ask the kernel to wake the loop when memory runs short between two ticks: v1
+        thresholds on the machine's (or the governed group's) memory usage, a PSI trigger
+        (sensors/wake.py). Nothing to act with (no controller): nothing to wake for."""
+        if self.controller is None:
+            return
+        memory_root = self.roots.sys / "fs" / "cgroup" / "memory"
+        memcg = memory_root / self.scope_path.strip("/") if self.scope_path else memory_root
+        pressure = self.roots.proc / "pressure" / "memory"
+        wake = MemoryWake(
+            memcg if memcg.is_dir() else None, pressure if pressure.exists() else None
+        )
+        if not wake.sources:
+            wake.close()
+            return
+        self._wake = wake
+        loop.add_reader(wake.fileno(), self._on_wake)
+        log.info("woken between ticks by: %s", "; ".join(wake.sources))
+
+    def _on_wake(self) -> None:
+        """The kernel said memory crossed a level or stalls: tick now, not at the deadline
+        (at most one early tick per WAKE_GAP_S: the fast tick takes over from there)."""
+        assert self._wake is not None
+        if not self._wake.drain() or self._waiter is None:
+            return
+        if time.monotonic() - self._last_tick_s < WAKE_GAP_S:
+            return
+        self.wakeups += 1
+        self._woken_early = True
+        _wake(self._waiter)
+
+    def _arm_wake(self) -> None:
+        """Thresholds at this tick's soft and hard memory levels (moved as they drift)."""
+        from edged.policy.base import Resource
+
+        state = self.controller.last_state if self.controller is not None else None
+        if self._wake is None or state is None:
+            return
+        limit = state.limits.get(Resource.MEMORY)
+        used = state.usage.get(Resource.MEMORY)
+        if limit is None or used is None:
+            return
+        self._wake.arm(used, tuple(v for v in (limit.soft, limit.hard) if v is not None))
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -428,6 +481,8 @@ class Daemon:
                 self._tick()
             finally:
                 self.server.release()  # answer the requests that waited for this tick
+            self._last_tick_s = time.monotonic()
+            self._arm_wake()
             step_s = self._next_interval_s(interval_s)
             if self._processes is not None:
                 # near or over a limit: every process is read each tick (no cold tier), so
@@ -445,6 +500,9 @@ class Daemon:
                 deadline_s += missed * step_s
             self.server.hold(deadline_s)  # from the deadline on, requests wait for the tick
             await self._sleep_until(loop, deadline_s)
+            if self._woken_early:  # the kernel woke us: the cadence restarts from now
+                self._woken_early = False
+                deadline_s = loop.time()
 
     async def _sleep_until(self, loop: asyncio.AbstractEventLoop, deadline_s: float) -> None:
         """Wait for the deadline or a stop request, with one timer and one future: cheaper
@@ -693,6 +751,11 @@ class Daemon:
             return False
 
     def _shutdown_parts(self) -> None:
+        if self._wake is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is already closed
+                asyncio.get_running_loop().remove_reader(self._wake.fileno())
+            self._wake.close()
+            self._wake = None
         self.budgets.close()  # leases end before the restore lifts what is left
         if self._restore is not None:
             try:
@@ -844,7 +907,10 @@ class Daemon:
             "uptime_s": round(time.monotonic() - self.started_s, 3),
             "ticks": self.ticks,
             "overruns": self.overruns,
+            "wakeups": self.wakeups,
             "limits": msgspec.to_builtins(self.config.limits),
+            "levels": self._resolved_levels(),
+            "protection": self._protection(),
             "usage": usage,
             "sources": [msgspec.to_builtins(s) for s in (snap.sources if snap else ())],
             "clients": len(self.server.clients),
@@ -860,6 +926,30 @@ class Daemon:
         if self.scope_path:
             result["scope"] = self._scope_status(snap)
         return result
+
+    def _resolved_levels(self) -> dict[str, dict[str, float | None]]:
+        """The limits as resolved this tick (``"auto"`` and percentages made figures)."""
+        state = self.controller.last_state if self.controller is not None else None
+        if state is None:
+            return {}
+        return {
+            resource.value: {"soft": limit.soft, "hard": limit.hard}
+            for resource, limit in state.limits.items()
+        }
+
+    def _protection(self) -> dict[str, Any]:
+        """What edged watches: candidates by class, how many were read on the last tick
+        (the rest are cold, see sensors/processes.py), and what wakes it between ticks."""
+        out: dict[str, Any] = {"processes": self.config.sampling.processes}
+        if self._processes is not None:
+            classes: dict[str, int] = {}
+            for watched in self._processes.watched.values():
+                classes[watched.klass] = classes.get(watched.klass, 0) + 1
+            out["classes"] = classes
+            out["read_last_tick"] = self._processes.last_reads
+            out["cold_last_tick"] = self._processes.last_skipped
+        out["woken_by"] = list(self._wake.sources) if self._wake is not None else []
+        return out
 
     def _scope_status(self, snap: Snapshot | None) -> dict[str, Any]:
         """The governed cgroup's figures from the latest snapshot (absent ones left out)."""

@@ -90,8 +90,12 @@ def test_state_has_process_views_with_start_times_and_protection() -> None:
     assert me.protected  # edged (here: the test process) is never a victim
     assert me.start_ticks == start_ticks[os.getpid()]
     assert me.memory_bytes > 0
-    assert me.klass is ProcessClass.NORMAL
+    assert me.klass is ProcessClass.CRITICAL  # edged and its ancestors, whatever rules say
+    parent = next(p for p in state.processes if p.pid == os.getppid())
+    assert parent.klass is ProcessClass.CRITICAL
     assert all(p.pid in start_ticks for p in state.processes)
+    # every other process is a candidate: normal unless built in (sshd, journald, ...)
+    assert any(p.klass is ProcessClass.NORMAL for p in state.processes)
     sensor.close()
 
 

@@ -71,9 +71,7 @@ def test_only_limits_and_an_unnamed_hog_is_acted_on(
     base = used_bytes()
     config = tmp_path / "edged.toml"
     # what a new user writes: a limit, nothing else
-    config.write_text(
-        f"[limits.memory]\nsoft = {base + 300 * MiB}\nhard = {base + 500 * MiB}\n"
-    )
+    config.write_text(f"[limits.memory]\nsoft = {base + 300 * MiB}\nhard = {base + 500 * MiB}\n")
     daemon = start_daemon(
         tmp_path, "--config", str(config), "--dry-run",
         env={"STATE_DIRECTORY": str(tmp_path / "state")},
@@ -89,7 +87,7 @@ def test_only_limits_and_an_unnamed_hog_is_acted_on(
             decided = events(daemon)
         assert any(e["action"] in ("terminate", "kill") for e in decided), daemon.log()
         assert {e["status"] for e in decided} == {"dry_run"}
-        assert all(e["pid"] == hog.pid for e in decided), decided  # the grower, no one else
+        assert all(e["pid"] == hog.pid for e in decided), [(e["pid"], e["detail"]) for e in decided]
         assert all(e["klass"] == "normal" for e in decided)
         assert os.getpid() not in {e["pid"] for e in decided}  # edged's ancestor
         assert service.poll() is None
