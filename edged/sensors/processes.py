@@ -15,7 +15,8 @@ would make edged's cost grow with the machine's process count, so reads are tier
 - **hot**, read every tick: processes at or above ``HOT_BYTES`` resident, those that grew by
   ``HOT_GROWTH_BYTES`` or more since their previous read, those that used ``HOT_CORES`` or
   more of a CPU, new ones (until their second read gives a CPU figure), and budget clients;
-- **cold**, the rest (shells, sleeping daemons, small helpers): read once per ``COLD_S``,
+- **cold**, the rest (shells, sleeping daemons, small helpers): read once per ``COLD_S`` on
+  average (each at its own period, 0.5 to 1.5 times that, so the reads spread over the ticks),
   their previous readings repeated in between (so every process is in every snapshot, and a
   cold one's CPU utilization is that of its last read);
 - **all**, every tick, while :attr:`ProcessSensor.urgent` is set: the daemon sets it whenever
@@ -88,11 +89,15 @@ class Watched:
     # change later means exec or a rename, and the process is judged again
     comm: bytes | None = None
     rss_bytes: int = -1  # at the last read (-1: not read yet)
+    # this process's cold period: COLD_S x 0.5..1.5 by its pid, so that the processes found
+    # by one listing do not all fall due on the same tick (a cost spike every COLD_S)
+    cold_s: float = COLD_S
     hot: bool = True  # read every tick (see the module docstring); judged at each read
     last: tuple[Reading, ...] = ()  # the readings of the last read, repeated while cold
 
     def __post_init__(self) -> None:
         self.attributes_changed()
+        self.cold_s = COLD_S * (0.5 + (self.info.pid * 0.6180339887) % 1.0)
 
     def open(self, proc: str) -> None:
         self.stat = KeptFile(f"{proc}/{self.info.pid}/stat", 4096)
@@ -329,10 +334,9 @@ class ProcessSensor(Sensor):
         gone: list[int] = []
         renamed: list[int] = []
         urgent = self.urgent
-        cold_before_s = now_s - COLD_S
         skipped = 0
         for pid, w in self.watched.items():
-            if not (urgent or w.hot or w.read_at_s <= cold_before_s or pid in self._explicit):
+            if not (urgent or w.hot or now_s - w.read_at_s >= w.cold_s or pid in self._explicit):
                 out.extend(w.last)  # cold: its last readings stand (see the module docstring)
                 skipped += 1
                 continue
