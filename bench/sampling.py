@@ -3,8 +3,9 @@ against the tiers (hot every tick, cold once per COLD_S), with N extra idle proc
 
 A benchmark, not a test: it prints a markdown table and asserts nothing. Each figure is the
 median and the mean of ``--reads`` reads (one tick apart on a fake clock, so the tiers behave
-as in a 1 s cadence) of ``ProcessSensor.read()`` on this machine's real /proc, with N sleeping children
-started for the run (small and idle: the cold tier) beside whatever the machine runs.
+as in a 1 s cadence) of ``ProcessSensor.read()`` on this machine's real /proc, with N
+sleeping children started for the run (small and idle: the cold tier) beside whatever the
+machine runs.
 
 Usage: ``.venv/bin/python bench/sampling.py [--extra 0,200,1000] [--reads 200]``
 """
