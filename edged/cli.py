@@ -184,8 +184,8 @@ def cmd_sensors(args: argparse.Namespace) -> int:
         from edged.sensors.scope import ScopeSensor, resolve
 
         try:
-            config_mod.Scope(cgroup=args.scope)
-            scope = ScopeSensor(resolve(roots.sys, args.scope), roots)
+            path = config_mod.Scope(cgroup=args.scope).path  # a /sys/fs/cgroup/... path too
+            scope = ScopeSensor(resolve(roots.sys, path), roots)
         except (ValueError, config_mod.ConfigError) as exc:
             print(f"edged: --scope: {exc}", file=sys.stderr)
             return EXIT_USAGE
