@@ -244,7 +244,51 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print(msgspec.json.format(msgspec.json.encode(config)).decode())
     else:
         print(config_mod.dumps_toml(config), end="")
+    _report_rules(config)
     return EXIT_OK
+
+
+def _report_rules(config: config_mod.Config) -> None:
+    """Per ``[[rules]]`` entry, how many processes it matches on this machine now (/proc read
+    once), on stderr so that stdout stays the config; a warning with a hint for one that
+    matches none (the exit code stays 0: the file may be meant for another machine, or the
+    process may not be running yet)."""
+    if not config.rules:
+        return
+    from edged.rulecheck import describe_rule, live_matches, rule_hint
+    from edged.sensors import Roots
+
+    proc = (Roots.under(config.root) if config.root else Roots()).proc
+    try:
+        counts = live_matches(proc, config.rules)
+    except OSError as exc:
+        print(f"edged: cannot read {proc} to check the rules: {exc}", file=sys.stderr)
+        return
+    for i, (rule, (classified, alone)) in enumerate(zip(config.rules, counts, strict=True)):
+        what = describe_rule(i, rule)
+        if classified:
+            s = "" if classified == 1 else "es"
+            print(
+                f"edged: {what} matches {classified} process{s} now (class {rule.klass})",
+                file=sys.stderr,
+            )
+        elif alone:
+            print(
+                f"edged: warning: {what} matches no process now: the {alone} it would "
+                "match are taken by earlier rules (the first rule that matches decides)",
+                file=sys.stderr,
+            )
+        else:
+            print(
+                f"edged: warning: {what} matches no process now: {rule_hint(rule)}",
+                file=sys.stderr,
+            )
+    if os.geteuid() != 0 and any(rule.exe is not None for rule in config.rules):
+        print(
+            "edged: not root: other users' /proc/PID/exe cannot be read, so exe rules may "
+            "match more processes in the daemon",
+            file=sys.stderr,
+        )
 
 
 class DaemonUnavailable(Exception):
@@ -334,6 +378,15 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"  alert {a['resource']} {a['severity']} {a['state']} since {since} "
             f"(active {a['active_s']:.0f}s): {a['detail']}"
         )
+    for r in result.get("rules", []):
+        if r["matched"]:
+            s = "" if r["matched"] == 1 else "es"
+            print(f"  {r['rule']} {r['class']}: {r['matched']} process{s}")
+        else:
+            print(
+                f"  {r['rule']} {r['class']}: no process for {r['unmatched_for_s']:.0f}s "
+                f"({r.get('hint', '')})"
+            )
     return EXIT_OK
 
 

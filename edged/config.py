@@ -134,6 +134,9 @@ class Sampling(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # which processes are sampled every tick: those matched by a [[rules]] entry, all, or none
     processes: Literal["rules", "all", "none"] = "rules"
     rescan: float | int | str = 5.0  # how often /proc is listed for new processes
+    # a [[rules]] entry that has classified no live process for this long is logged as a
+    # WARNING (once, and again after it matched and then stopped; see edged.rulecheck)
+    rule_warn_after: float | int | str = 60.0
 
     def __post_init__(self) -> None:
         interval_s = parse_duration_s(self.interval)
@@ -143,6 +146,10 @@ class Sampling(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         if history_s < interval_s:
             raise ValueError("history: must be at least one interval long")
         parse_duration_s(self.rescan)
+        try:
+            parse_duration_s(self.rule_warn_after)
+        except ValueError as exc:
+            raise ValueError(f"rule_warn_after: {exc}") from exc
 
     @property
     def interval_s(self) -> float:
@@ -155,6 +162,10 @@ class Sampling(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     @property
     def rescan_s(self) -> float:
         return parse_duration_s(self.rescan)
+
+    @property
+    def rule_warn_after_s(self) -> float:
+        return parse_duration_s(self.rule_warn_after)
 
 
 class Strategy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

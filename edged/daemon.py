@@ -25,6 +25,7 @@ from edged import __version__
 from edged import config as config_mod
 from edged.budget.service import BudgetService, capacity_of, lending_of
 from edged.history import History
+from edged.rulecheck import RuleWatch
 from edged.sampler import Sampler
 from edged.sensors import Roots, Sensor, SensorError, discover_all
 from edged.sensors.processes import ProcessSensor
@@ -51,6 +52,8 @@ FAST_INTERVAL_S = 0.02
 MEMORY_FILL_RATE_BYTES_S = 6000 * (1 << 20)
 # While the tick is shortened, /proc is listed for new processes at least this often.
 PRESSURE_RESCAN_S = 0.1
+# how often the rules' live matches are counted (warnings on a rule that matches nothing)
+RULE_CHECK_S = 1.0
 # the GIL switch interval while the daemon runs (see Daemon.run)
 SWITCH_INTERVAL_S = 0.001
 # what ``subscribe`` accepts (DESIGN section 6)
@@ -110,6 +113,9 @@ class Daemon:
         self.started_s = time.monotonic()
         self._sampler: Sampler | None = None
         self._processes: ProcessSensor | None = None
+        # per [[rules]] entry: how many processes it classifies, since when none (status, log)
+        self._rule_watch: RuleWatch | None = None
+        self._rules_next_s = 0.0
         self.controller: Controller | None = None
         self._memory_reader: Sensor | None = None
         # [scope] cgroup is fixed for the run: edged's own groups are placed inside it
@@ -148,6 +154,15 @@ class Daemon:
         )
         sensors.append(self._processes)
         statuses.append(SourceStatus("processes", "ok"))
+        self._rule_watch = RuleWatch(
+            self.config.rules,
+            self.config.sampling.rule_warn_after_s,
+            time.monotonic(),
+            active=self.config.sampling.processes != "none",
+        )
+        self._rules_next_s = 0.0
+        for line in self._rule_watch.start_warnings():
+            log.warning("%s", line)
         self.discovery = statuses
         for status in statuses:
             if status.status == "ok":
@@ -481,6 +496,7 @@ class Daemon:
         assert self._sampler is not None
         started = time.perf_counter()
         snapshot = self._sampler.tick()
+        self._check_rules()
         if self.controller is not None and self._processes is not None:
             from edged.control import policy_readings
 
@@ -514,6 +530,19 @@ class Daemon:
                 self.config.sampling.interval_s,
             )
         self.notifier.watchdog()
+
+    def _check_rules(self) -> None:
+        """At most every RULE_CHECK_S: how many processes each rule classifies now, and the
+        WARNING for a rule that has matched none for ``[sampling] rule_warn_after``."""
+        watch, processes = self._rule_watch, self._processes
+        if watch is None or processes is None or not watch.rules:
+            return
+        now_s = time.monotonic()
+        if now_s < self._rules_next_s:
+            return
+        self._rules_next_s = now_s + RULE_CHECK_S
+        for line in watch.observe(processes.rule_counts(), now_s):
+            log.warning("%s", line)
 
     def _update_budgets(self, snapshot: Snapshot) -> None:
         """The ledger's capacity from this tick (hard limits, else totals), then its queue;
@@ -843,6 +872,8 @@ class Daemon:
             "clients": len(self.server.clients),
             "budget": self.budgets.summary(),
             "alerts": self.controller.alert_status() if self.controller is not None else [],
+            # per [[rules]] entry: processes it classifies now, how long it has matched none
+            "rules": self._rule_watch.status(time.monotonic()) if self._rule_watch else [],
             "subscriptions": {
                 **{topic: len(self._subscribers(topic)) for topic in TOPICS},
                 "snapshots_skipped": self.server.skipped,
