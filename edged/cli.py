@@ -348,6 +348,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"  up {result['uptime_s']:.0f}s, {result['ticks']} ticks every "
         f"{result['interval_s']:g}s, {result['overruns']} overruns, "
         f"{result['clients']} clients"
+        + ("" if result.get("memory_locked", True) else ", memory not locked (see its log)")
     )
     usage = result.get("usage", {})
     if "memory_used_bytes" in usage:

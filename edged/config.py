@@ -238,8 +238,15 @@ class Telemetry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class Enforce(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """How edged acts. ``lock_memory`` (default true): at ``edged run`` start, lock edged's own
+    pages in memory (``mlockall`` with ``MCL_ONFAULT``, see :mod:`edged.memlock`), so that
+    the reclaim it is there to stop does not page out the daemon and stall its ticks; needs
+    root or CAP_IPC_LOCK, or an unlimited RLIMIT_MEMLOCK (else it is logged and skipped).
+    A reload that turns it off unlocks at once; one that turns it on locks."""
+
     backend: Literal["auto", "cgroupfs", "systemd", "signals", "none"] = "auto"
     dry_run: bool = False
+    lock_memory: bool = True
 
 
 class Alerts(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

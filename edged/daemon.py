@@ -126,6 +126,7 @@ class Daemon:
         self._units: Any = None  # SystemdUnits where PID 1 is systemd: closed at shutdown
         self.fast_interval_s = FAST_INTERVAL_S
         self._lock_fd = -1
+        self.memory_locked = False  # mlockall in force (see _lock_memory)
         self._waiter: asyncio.Future[None] | None = None
 
     @staticmethod
@@ -402,6 +403,7 @@ class Daemon:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._request_stop)
         loop.add_signal_handler(signal.SIGHUP, self._request_reload)
+        self._lock_memory(self.config.enforce.lock_memory)
         try:
             self._sampler = self._build_sampler()
             self._start_controller()
@@ -681,6 +683,8 @@ class Daemon:
             # the limits from the controller's state, built each tick: in force from the next
             self.controller.limits = new.limits
             log.info("[limits] changed: in force from the next tick")
+        if new.enforce.lock_memory != old.enforce.lock_memory:
+            self._lock_memory(new.enforce.lock_memory)
         if new.alerts != old.alerts and self.controller is not None:
             # pending alerts are held against the new times from the next tick on
             self.controller.alerts.for_s = new.alerts.for_s
@@ -692,6 +696,21 @@ class Daemon:
             self.controller.switch(switch_to, "reload", "SIGHUP: the configuration's strategy")
         log.info("configuration reloaded")
         self.notifier.ready("configuration reloaded")
+
+    def _lock_memory(self, wanted: bool) -> None:
+        """``[enforce] lock_memory``: lock edged's pages (at start, or a reload that turns it
+        on) or unlock them (a reload that turns it off), and say which in the log."""
+        from edged import memlock
+
+        if wanted and not self.memory_locked:
+            result = memlock.lock_memory()
+            self.memory_locked = result.locked
+            (log.info if result.locked else log.warning)("memory: %s", result.detail)
+        elif not wanted and self.memory_locked:
+            self.memory_locked = not memlock.unlock_memory()
+            log.info("memory: %s", "still locked" if self.memory_locked else "unlocked")
+        elif not wanted:
+            log.info("memory: not locked ([enforce] lock_memory = false)")
 
     def _reloaded_strategy(self, new: config_mod.Config) -> Any:
         """The strategy a reload switches to: the file's ``[strategy]`` wins over a
@@ -862,6 +881,8 @@ class Daemon:
             "health": self._health(),
             "strategy": self._strategy_name(),
             "dry_run": self.config.enforce.dry_run,
+            # edged's own pages locked in memory ([enforce] lock_memory, edged.memlock)
+            "memory_locked": self.memory_locked,
             "interval_s": self.config.sampling.interval_s,
             "uptime_s": round(time.monotonic() - self.started_s, 3),
             "ticks": self.ticks,
