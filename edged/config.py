@@ -344,7 +344,8 @@ class Scope(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         if any(c in raw for c in "\0\n"):
             raise ValueError(f"cgroup: not a plain cgroup path (no '.', '..', '//'): {raw!r}")
         # '//' and '.' are refused as typed, before the sysfs prefix is taken off
-        if any(part in ("", ".", "..") for part in raw.strip("/").split("/")) and raw.strip("/"):
+        inner = raw.strip("/")
+        if inner and any(part in ("", ".", "..") for part in inner.split("/")):
             raise ValueError(f"cgroup: not a plain cgroup path (no '.', '..', '//'): {raw!r}")
         if cgroup_path(raw) == "/":
             raise ValueError(

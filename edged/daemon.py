@@ -705,7 +705,10 @@ class Daemon:
         if wanted and not self.memory_locked:
             result = memlock.lock_memory()
             self.memory_locked = result.locked
-            (log.info if result.locked else log.warning)("memory: %s", result.detail)
+            if result.locked:
+                log.info("memory: %s", result.detail)
+            else:
+                log.warning("memory: %s", result.detail)
         elif not wanted and self.memory_locked:
             self.memory_locked = not memlock.unlock_memory()
             log.info("memory: %s", "still locked" if self.memory_locked else "unlocked")
