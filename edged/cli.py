@@ -184,8 +184,8 @@ def cmd_sensors(args: argparse.Namespace) -> int:
         from edged.sensors.scope import ScopeSensor, resolve
 
         try:
-            config_mod.Scope(cgroup=args.scope)
-            scope = ScopeSensor(resolve(roots.sys, args.scope), roots)
+            path = config_mod.Scope(cgroup=args.scope).path  # a /sys/fs/cgroup/... path too
+            scope = ScopeSensor(resolve(roots.sys, path), roots)
         except (ValueError, config_mod.ConfigError) as exc:
             print(f"edged: --scope: {exc}", file=sys.stderr)
             return EXIT_USAGE
@@ -244,7 +244,51 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print(msgspec.json.format(msgspec.json.encode(config)).decode())
     else:
         print(config_mod.dumps_toml(config), end="")
+    _report_rules(config)
     return EXIT_OK
+
+
+def _report_rules(config: config_mod.Config) -> None:
+    """Per ``[[rules]]`` entry, how many processes it matches on this machine now (/proc read
+    once), on stderr so that stdout stays the config; a warning with a hint for one that
+    matches none (the exit code stays 0: the file may be meant for another machine, or the
+    process may not be running yet)."""
+    if not config.rules:
+        return
+    from edged.rulecheck import describe_rule, live_matches, rule_hint
+    from edged.sensors import Roots
+
+    proc = (Roots.under(config.root) if config.root else Roots()).proc
+    try:
+        counts = live_matches(proc, config.rules)
+    except OSError as exc:
+        print(f"edged: cannot read {proc} to check the rules: {exc}", file=sys.stderr)
+        return
+    for i, (rule, (classified, alone)) in enumerate(zip(config.rules, counts, strict=True)):
+        what = describe_rule(i, rule)
+        if classified:
+            s = "" if classified == 1 else "es"
+            print(
+                f"edged: {what} matches {classified} process{s} now (class {rule.klass})",
+                file=sys.stderr,
+            )
+        elif alone:
+            print(
+                f"edged: warning: {what} matches no process now: the {alone} it would "
+                "match are taken by earlier rules (the first rule that matches decides)",
+                file=sys.stderr,
+            )
+        else:
+            print(
+                f"edged: warning: {what} matches no process now: {rule_hint(rule)}",
+                file=sys.stderr,
+            )
+    if os.geteuid() != 0 and any(rule.exe is not None for rule in config.rules):
+        print(
+            "edged: not root: other users' /proc/PID/exe cannot be read, so exe rules may "
+            "match more processes in the daemon",
+            file=sys.stderr,
+        )
 
 
 class DaemonUnavailable(Exception):
@@ -304,6 +348,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"  up {result['uptime_s']:.0f}s, {result['ticks']} ticks every "
         f"{result['interval_s']:g}s, {result['overruns']} overruns, "
         f"{result['clients']} clients"
+        + ("" if result.get("memory_locked", True) else ", memory not locked (see its log)")
     )
     usage = result.get("usage", {})
     if "memory_used_bytes" in usage:
@@ -334,6 +379,15 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"  alert {a['resource']} {a['severity']} {a['state']} since {since} "
             f"(active {a['active_s']:.0f}s): {a['detail']}"
         )
+    for r in result.get("rules", []):
+        if r["matched"]:
+            s = "" if r["matched"] == 1 else "es"
+            print(f"  {r['rule']} {r['class']}: {r['matched']} process{s}")
+        else:
+            print(
+                f"  {r['rule']} {r['class']}: no process for {r['unmatched_for_s']:.0f}s "
+                f"({r.get('hint', '')})"
+            )
     return EXIT_OK
 
 

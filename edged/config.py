@@ -151,6 +151,9 @@ class Sampling(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # needs no rules), only those a [[rules]] entry matches, or none
     processes: Literal["rules", "all", "none"] = "all"
     rescan: float | int | str = 5.0  # how often /proc is listed for new processes
+    # a [[rules]] entry that has classified no live process for this long is logged as a
+    # WARNING (once, and again after it matched and then stopped; see edged.rulecheck)
+    rule_warn_after: float | int | str = 60.0
 
     def __post_init__(self) -> None:
         interval_s = parse_duration_s(self.interval)
@@ -160,6 +163,10 @@ class Sampling(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         if history_s < interval_s:
             raise ValueError("history: must be at least one interval long")
         parse_duration_s(self.rescan)
+        try:
+            parse_duration_s(self.rule_warn_after)
+        except ValueError as exc:
+            raise ValueError(f"rule_warn_after: {exc}") from exc
 
     @property
     def interval_s(self) -> float:
@@ -172,6 +179,10 @@ class Sampling(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     @property
     def rescan_s(self) -> float:
         return parse_duration_s(self.rescan)
+
+    @property
+    def rule_warn_after_s(self) -> float:
+        return parse_duration_s(self.rule_warn_after)
 
 
 class Strategy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -244,8 +255,15 @@ class Telemetry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class Enforce(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """How edged acts. ``lock_memory`` (default true): at ``edged run`` start, lock edged's own
+    pages in memory (``mlockall`` with ``MCL_ONFAULT``, see :mod:`edged.memlock`), so that
+    the reclaim it is there to stop does not page out the daemon and stall its ticks; needs
+    root or CAP_IPC_LOCK, or an unlimited RLIMIT_MEMLOCK (else it is logged and skipped).
+    A reload that turns it off unlocks at once; one that turns it on locks."""
+
     backend: Literal["auto", "cgroupfs", "systemd", "signals", "none"] = "auto"
     dry_run: bool = False
+    lock_memory: bool = True
 
 
 class Alerts(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -271,30 +289,91 @@ class Alerts(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return parse_duration_s(self.critical_for)
 
 
+#: Where cgroup hierarchies are mounted: a ``[scope] cgroup`` under it is the sysfs form.
+CGROUP_MOUNT = "/sys/fs/cgroup"
+#: Names of the v1 hierarchies' mount directories under /sys/fs/cgroup (a directory may join
+#: several, ``cpu,cpuacct``); ``systemd`` is systemd's named v1 hierarchy and ``unified`` the
+#: v2 hierarchy of a hybrid host. The first component of a sysfs path that is one of these is a
+#: mount, not a group.
+V1_HIERARCHIES = frozenset(
+    {
+        "blkio",
+        "cpu",
+        "cpuacct",
+        "cpuset",
+        "devices",
+        "freezer",
+        "hugetlb",
+        "memory",
+        "misc",
+        "net_cls",
+        "net_prio",
+        "perf_event",
+        "pids",
+        "rdma",
+        "systemd",
+        "unified",
+    }
+)
+
+
+def cgroup_path(path: str) -> str:
+    """A cgroup path as ``/proc/PID/cgroup`` writes it (``/foo/bar``), from that form or from
+    the sysfs form a user copies from a shell: ``/sys/fs/cgroup/memory/foo/bar`` (v1, a
+    hierarchy's mount first), ``/sys/fs/cgroup/foo/bar`` (v2). A trailing slash is dropped;
+    ``""`` and ``"/"`` stay the root. Raises ValueError for a /sys path outside
+    /sys/fs/cgroup.
+
+    The form is told from the text alone (a config may be checked on another machine), so on
+    a v2-only host a top-level group named like a v1 hierarchy (``/sys/fs/cgroup/memory/x``)
+    reads as v1: write such a group in the /proc/PID/cgroup form (``/memory/x``)."""
+    stripped = "/" + path.strip("/") if path.strip("/") else path[:1]
+    if stripped != "/sys" and not stripped.startswith("/sys/"):
+        return stripped
+    if stripped != CGROUP_MOUNT and not stripped.startswith(CGROUP_MOUNT + "/"):
+        raise ValueError(
+            f"cgroup: {path!r} is a /sys path outside {CGROUP_MOUNT}; give the group as "
+            f"/proc/PID/cgroup writes it ('/system.slice/foo.service') or under {CGROUP_MOUNT}"
+        )
+    parts = stripped[len(CGROUP_MOUNT) :].strip("/").split("/")
+    if parts[0] and all(name in V1_HIERARCHIES for name in parts[0].split(",")):
+        parts = parts[1:]
+    rest = "/".join(p for p in parts if p)
+    return "/" + rest if rest else "/"
+
+
 class Scope(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The part of the machine edged governs: ``cgroup`` is a cgroup path as
-    ``/proc/PID/cgroup`` writes it (``/system.slice/foo.service``, ``/bench``); empty means the
-    whole machine. Whether the group exists is checked when the daemon starts, not here (a
-    config may be checked on another machine)."""
+    ``/proc/PID/cgroup`` writes it (``/system.slice/foo.service``, ``/bench``) or as it appears
+    under /sys/fs/cgroup (``/sys/fs/cgroup/memory/bench`` on v1,
+    ``/sys/fs/cgroup/system.slice/foo.service`` on v2; see :func:`cgroup_path`); empty means
+    the whole machine. Whether the group exists is checked when the daemon starts, not here
+    (a config may be checked on another machine)."""
 
     cgroup: str = ""
 
     def __post_init__(self) -> None:
-        path = self.cgroup
-        if not path:
+        raw = self.cgroup
+        if not raw:
             return
-        if not path.startswith("/"):
-            raise ValueError(f"cgroup: must be an absolute path such as '/bench'; got {path!r}")
-        parts = path.strip("/").split("/")
-        if path.strip("/") == "":
-            raise ValueError("cgroup: '/' is the root group; leave it empty for the whole machine")
-        if any(part in ("", ".", "..") for part in parts) or any(c in path for c in "\0\n"):
-            raise ValueError(f"cgroup: not a plain cgroup path (no '.', '..', '//'): {path!r}")
+        if not raw.startswith("/"):
+            raise ValueError(f"cgroup: must be an absolute path such as '/bench'; got {raw!r}")
+        if any(c in raw for c in "\0\n"):
+            raise ValueError(f"cgroup: not a plain cgroup path (no '.', '..', '//'): {raw!r}")
+        # '//' and '.' are refused as typed, before the sysfs prefix is taken off
+        inner = raw.strip("/")
+        if inner and any(part in ("", ".", "..") for part in inner.split("/")):
+            raise ValueError(f"cgroup: not a plain cgroup path (no '.', '..', '//'): {raw!r}")
+        if cgroup_path(raw) == "/":
+            raise ValueError(
+                f"cgroup: {raw!r} is the root group; leave it empty for the whole machine"
+            )
 
     @property
     def path(self) -> str:
-        """The group path without a trailing slash ("" for the whole machine)."""
-        return "/" + self.cgroup.strip("/") if self.cgroup else ""
+        """The group path as /proc/PID/cgroup writes it, without a trailing slash ("" for
+        the whole machine)."""
+        return cgroup_path(self.cgroup) if self.cgroup else ""
 
 
 class Budget(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -25,6 +25,7 @@ from edged import __version__
 from edged import config as config_mod
 from edged.budget.service import BudgetService, capacity_of, lending_of
 from edged.history import History
+from edged.rulecheck import RuleWatch
 from edged.sampler import Sampler
 from edged.sensors import Roots, Sensor, SensorError, discover_all
 from edged.sensors.processes import ProcessSensor
@@ -57,6 +58,8 @@ PRESSURE_RESCAN_S = 0.1
 URGENT_STEP_S = 0.2
 # at most one tick woken early by the kernel (sensors/wake.py) per this much time
 WAKE_GAP_S = 0.01
+# how often the rules' live matches are counted (warnings on a rule that matches nothing)
+RULE_CHECK_S = 1.0
 # the GIL switch interval while the daemon runs (see Daemon.run)
 SWITCH_INTERVAL_S = 0.001
 # what ``subscribe`` accepts (DESIGN section 6)
@@ -116,6 +119,9 @@ class Daemon:
         self.started_s = time.monotonic()
         self._sampler: Sampler | None = None
         self._processes: ProcessSensor | None = None
+        # per [[rules]] entry: how many processes it classifies, since when none (status, log)
+        self._rule_watch: RuleWatch | None = None
+        self._rules_next_s = 0.0
         self.controller: Controller | None = None
         self._memory_reader: Sensor | None = None
         # [scope] cgroup is fixed for the run: edged's own groups are placed inside it
@@ -126,6 +132,7 @@ class Daemon:
         self._units: Any = None  # SystemdUnits where PID 1 is systemd: closed at shutdown
         self.fast_interval_s = FAST_INTERVAL_S
         self._lock_fd = -1
+        self.memory_locked = False  # mlockall in force (see _lock_memory)
         self._waiter: asyncio.Future[None] | None = None
         # kernel notifications between ticks (sensors/wake.py), and what they did
         self._wake: MemoryWake | None = None
@@ -159,6 +166,15 @@ class Daemon:
         )
         sensors.append(self._processes)
         statuses.append(SourceStatus("processes", "ok"))
+        self._rule_watch = RuleWatch(
+            self.config.rules,
+            self.config.sampling.rule_warn_after_s,
+            time.monotonic(),
+            active=self.config.sampling.processes != "none",
+        )
+        self._rules_next_s = 0.0
+        for line in self._rule_watch.start_warnings():
+            log.warning("%s", line)
         self.discovery = statuses
         for status in statuses:
             if status.status == "ok":
@@ -398,6 +414,7 @@ class Daemon:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._request_stop)
         loop.add_signal_handler(signal.SIGHUP, self._request_reload)
+        self._lock_memory(self.config.enforce.lock_memory)
         try:
             self._sampler = self._build_sampler()
             self._start_controller()
@@ -546,6 +563,7 @@ class Daemon:
         assert self._sampler is not None
         started = time.perf_counter()
         snapshot = self._sampler.tick()
+        self._check_rules()
         if self.controller is not None and self._processes is not None:
             from edged.control import policy_readings
 
@@ -579,6 +597,19 @@ class Daemon:
                 self.config.sampling.interval_s,
             )
         self.notifier.watchdog()
+
+    def _check_rules(self) -> None:
+        """At most every RULE_CHECK_S: how many processes each rule classifies now, and the
+        WARNING for a rule that has matched none for ``[sampling] rule_warn_after``."""
+        watch, processes = self._rule_watch, self._processes
+        if watch is None or processes is None or not watch.rules:
+            return
+        now_s = time.monotonic()
+        if now_s < self._rules_next_s:
+            return
+        self._rules_next_s = now_s + RULE_CHECK_S
+        for line in watch.observe(processes.rule_counts(), now_s):
+            log.warning("%s", line)
 
     def _update_budgets(self, snapshot: Snapshot) -> None:
         """The ledger's capacity from this tick (hard limits, else totals), then its queue;
@@ -717,6 +748,8 @@ class Daemon:
             # the limits from the controller's state, built each tick: in force from the next
             self.controller.limits = new.limits
             log.info("[limits] changed: in force from the next tick")
+        if new.enforce.lock_memory != old.enforce.lock_memory:
+            self._lock_memory(new.enforce.lock_memory)
         if new.alerts != old.alerts and self.controller is not None:
             # pending alerts are held against the new times from the next tick on
             self.controller.alerts.for_s = new.alerts.for_s
@@ -728,6 +761,24 @@ class Daemon:
             self.controller.switch(switch_to, "reload", "SIGHUP: the configuration's strategy")
         log.info("configuration reloaded")
         self.notifier.ready("configuration reloaded")
+
+    def _lock_memory(self, wanted: bool) -> None:
+        """``[enforce] lock_memory``: lock edged's pages (at start, or a reload that turns it
+        on) or unlock them (a reload that turns it off), and say which in the log."""
+        from edged import memlock
+
+        if wanted and not self.memory_locked:
+            result = memlock.lock_memory()
+            self.memory_locked = result.locked
+            if result.locked:
+                log.info("memory: %s", result.detail)
+            else:
+                log.warning("memory: %s", result.detail)
+        elif not wanted and self.memory_locked:
+            self.memory_locked = not memlock.unlock_memory()
+            log.info("memory: %s", "still locked" if self.memory_locked else "unlocked")
+        elif not wanted:
+            log.info("memory: not locked ([enforce] lock_memory = false)")
 
     def _reloaded_strategy(self, new: config_mod.Config) -> Any:
         """The strategy a reload switches to: the file's ``[strategy]`` wins over a
@@ -903,6 +954,8 @@ class Daemon:
             "health": self._health(),
             "strategy": self._strategy_name(),
             "dry_run": self.config.enforce.dry_run,
+            # edged's own pages locked in memory ([enforce] lock_memory, edged.memlock)
+            "memory_locked": self.memory_locked,
             "interval_s": self.config.sampling.interval_s,
             "uptime_s": round(time.monotonic() - self.started_s, 3),
             "ticks": self.ticks,
@@ -916,6 +969,8 @@ class Daemon:
             "clients": len(self.server.clients),
             "budget": self.budgets.summary(),
             "alerts": self.controller.alert_status() if self.controller is not None else [],
+            # per [[rules]] entry: processes it classifies now, how long it has matched none
+            "rules": self._rule_watch.status(time.monotonic()) if self._rule_watch else [],
             "subscriptions": {
                 **{topic: len(self._subscribers(topic)) for topic in TOPICS},
                 "snapshots_skipped": self.server.skipped,

@@ -190,6 +190,32 @@ class Classifier:
             return rule.klass
         return None
 
+    def classify_rule(self, info: ProcessInfo) -> tuple[str, int] | None:
+        """(class, index in ``[[rules]]``) of the first matching rule, or None: what
+        :meth:`classify` decides, with the index that tells which rule is doing something
+        (status, the warning on a rule that matches nothing)."""
+        for index in range(len(self._rules)):
+            if self.matches(index, info):
+                return self._rules[index][0].klass, index
+        return None
+
+    def matches(self, index: int, info: ProcessInfo) -> bool:
+        """Whether every matcher of rule ``index`` matches, whatever the rules before it
+        (``check-config`` tells a rule that matches nothing from one that earlier rules
+        shadow). The same matchers as :meth:`classify` (tests hold the two equal)."""
+        rule, cmdline_re = self._rules[index]
+        if rule.name is not None and rule.name != info.name:
+            return False
+        if rule.exe is not None and rule.exe != info.exe:
+            return False
+        if cmdline_re is not None and not cmdline_re.search(info.cmdline):
+            return False
+        if rule.uid is not None and rule.uid != info.uid:
+            return False
+        if rule.unit is not None and rule.unit != info.unit:
+            return False
+        return rule.cgroup is None or _under(info.cgroup, rule.cgroup)
+
 
 def _under(path: str, prefix: str) -> bool:
     prefix = prefix.rstrip("/")

@@ -79,6 +79,9 @@ def test_precedence_file_dropin_env_flags(tmp_path: Path) -> None:
         ('[scope]\ncgroup = "/a//b"\n', "scope", "plain cgroup path"),
         ("[scope]\ncgroup = 5\n", "scope.cgroup", "Expected `str`"),
         ('[scope]\npath = "/bench"\n', "scope.path", "unknown key"),
+        ('[scope]\ncgroup = "/sys/kernel/mm"\n', "scope", "outside /sys/fs/cgroup"),
+        ('[scope]\ncgroup = "/sys/fs/cgroup/memory/"\n', "scope", "root group"),
+        ('[scope]\ncgroup = "/sys/fs/cgroup"\n', "scope", "root group"),
         ('[budget]\nreserve_memory = "lots"\n', "budget", "reserve_memory: expected a size"),
         ('[budget]\nreserve_cpu = "120%"\n', "budget", "reserve_cpu: a percentage"),
         ("[budget]\nreserve_cpu = -1\n", "budget", "reserve_cpu: expected cores"),
@@ -203,7 +206,16 @@ def test_the_shipped_example_config_is_valid_and_matches_the_defaults() -> None:
 
 @pytest.mark.parametrize(
     ("value", "path"),
-    [("", ""), ("/bench", "/bench"), ("/system.slice/foo.service/", "/system.slice/foo.service")],
+    [
+        ("", ""),
+        ("/bench", "/bench"),
+        ("/system.slice/foo.service/", "/system.slice/foo.service"),
+        # the sysfs form a user copies from a shell: v1 (a hierarchy's mount first), v2
+        ("/sys/fs/cgroup/memory/box/bench", "/box/bench"),
+        ("/sys/fs/cgroup/cpu,cpuacct/box/bench/", "/box/bench"),
+        ("/sys/fs/cgroup/unified/box", "/box"),
+        ("/sys/fs/cgroup/system.slice/foo.service", "/system.slice/foo.service"),
+    ],
 )
 def test_scope_cgroup(tmp_path: Path, value: str, path: str) -> None:
     config = cfg.load(write(tmp_path / "edged.toml", f'[scope]\ncgroup = "{value}"\n'), environ={})

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from edged.config import Rule
 from edged.rules import Classifier, read_process_info
 from edged.sensors.base import Roots
-from edged.sensors.processes import ProcessSensor
+from edged.sensors.processes import YOUNG_S, ProcessSensor
 
 HOG = """
 import sys, time
@@ -36,8 +38,9 @@ def children() -> Iterator[list[subprocess.Popen[str]]]:
     for p in procs:
         p.kill()
         p.wait(timeout=10)
-        if p.stdout is not None:
-            p.stdout.close()
+        for pipe in (p.stdin, p.stdout):
+            if pipe is not None:
+                pipe.close()
 
 
 def start(
@@ -296,3 +299,94 @@ def test_classifier_matchers() -> None:
         ).classify(info)
         == "besteffort"
     )
+
+
+EXECS_LATER = """
+import os, sys
+print("ready", flush=True)
+sys.stdin.readline()  # "go"
+os.execv(sys.argv[1], [sys.argv[1], "30"])  # comm becomes the link's name
+"""
+
+
+def _age_s(pid: int) -> float:
+    """Seconds since ``pid`` started, as /proc/uptime and its stat's start time say."""
+    with open("/proc/uptime") as f:
+        uptime_s = float(f.read().split()[0])
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    start_ticks = int(stat.rsplit(")", 1)[1].split()[19])
+    return uptime_s - start_ticks / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.parametrize("mode", ["rules", "all"])
+def test_a_process_that_execs_later_is_judged_by_its_new_name(
+    children: list[subprocess.Popen[str]], tmp_path: Path, mode: str
+) -> None:
+    """A program started from a shell or a launcher is first seen by its parent's name
+    (``bash``, ``python3``); after it execs, a rule on its real name must match it, in both
+    modes: unmatched and settled (older than YOUNG_S, so not judged again for its youth) in
+    "rules", watched as normal in "all". The child here is a real python that execs
+    /bin/sleep through a link whose name becomes its comm."""
+    name = f"edged-ex{os.getpid() % 100000}"
+    link = tmp_path / name
+    link.symlink_to(shutil.which("sleep") or "/bin/sleep")
+    p = subprocess.Popen(
+        [sys.executable, "-c", EXECS_LATER, str(link)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    children.append(p)
+    assert p.stdout is not None
+    assert p.stdin is not None
+    assert p.stdout.readline().strip() == "ready"
+    deadline = time.monotonic() + 10
+    while _age_s(p.pid) < YOUNG_S + 0.2:  # settled: no longer judged again as a young one
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    now = [100.0]
+    rules = [Rule(name=name, klass="besteffort")]
+    sensor = ProcessSensor(Roots(), rules, mode=mode, rescan_s=5.0, clock=lambda: now[0])
+    sensor.read()
+    if mode == "rules":
+        assert p.pid not in sensor.watched  # python3: no rule names it
+    else:
+        assert sensor.watched[p.pid].klass == "normal"
+        assert sensor.watched[p.pid].rule is None
+    assert sensor.rule_counts() == {}
+    p.stdin.write("go\n")
+    p.stdin.flush()
+    while Path(f"/proc/{p.pid}/comm").read_text().strip() != name:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    sensor.read()  # "all": the name in stat changed, judged again at once
+    now[0] += 5.0
+    sensor.read()  # "rules": the next listing looks at the settled unmatched ones again
+    watched = sensor.watched[p.pid]
+    assert (watched.klass, watched.rule, watched.info.name) == ("besteffort", 0, name)
+    assert watched.info.exe.endswith("/sleep")
+    assert sensor.rule_counts() == {0: 1}
+    readings = [r for r in sensor.read() if r.attributes["process.pid"] == p.pid]
+    assert {r.attributes["edged.class"] for r in readings} == {"besteffort"}
+    assert {r.attributes["process.executable.name"] for r in readings} == {name}
+
+
+def test_classify_rule_decides_as_classify_and_names_the_rule() -> None:
+    """classify_rule is classify plus the index of the deciding rule; matches is one rule's
+    matchers alone, so a rule that earlier rules shadow still matches."""
+    info = read_process_info(Roots().proc, os.getpid())
+    assert info is not None
+    rule_sets = [
+        [Rule(uid=os.getuid() + 1), Rule(name=info.name, klass="besteffort")],
+        [Rule(exe=info.exe, klass="critical"), Rule(uid=os.getuid())],
+        [Rule(cmdline="no-such-thing-here"), Rule(cgroup="/no/such/group")],
+        [Rule(name=info.name, cmdline="pytest|py", uid=os.getuid(), cgroup=info.cgroup or "/")],
+    ]
+    for rules in rule_sets:
+        classifier = Classifier(rules)
+        matched = classifier.classify_rule(info)
+        assert (matched[0] if matched else None) == classifier.classify(info)
+    assert Classifier(rule_sets[0]).classify_rule(info) == ("besteffort", 1)
+    assert Classifier(rule_sets[1]).classify_rule(info) == ("critical", 0)
+    assert Classifier(rule_sets[1]).matches(1, info)  # shadowed by rule 0, still matching
+    assert Classifier(rule_sets[2]).classify_rule(info) is None

@@ -449,6 +449,51 @@ def test_sensors_reads_a_scope_from_a_fixture_tree(tmp_path: Path) -> None:
     assert "no cgroup /box/nope" in missing.stderr
 
 
+@pytest.mark.parametrize("shape", ["v1", "v2"])
+def test_sensors_takes_the_sysfs_form_of_the_path(tmp_path: Path, shape: str) -> None:
+    """The path as a shell under /sys/fs/cgroup shows it reads the same group as the
+    /proc/PID/cgroup form (v1: the hierarchy's mount is not part of the group's path)."""
+    (v1_tree if shape == "v1" else v2_tree)(tmp_path)
+    machine(tmp_path)
+    sysfs = "/sys/fs/cgroup/memory/box/bench" if shape == "v1" else "/sys/fs/cgroup/box/bench"
+    result = run_edged("sensors", "--root", str(tmp_path), "--scope", sysfs, "--json")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    usage = next(r for r in out["readings"] if r["metric"] == "edged.scope.memory.usage")
+    assert usage["attributes"] == {"edged.scope": "/box/bench"}
+    outside = run_edged("sensors", "--root", str(tmp_path), "--scope", "/sys/class/thermal")
+    assert outside.returncode == 2
+    assert "outside /sys/fs/cgroup" in outside.stderr
+
+
+@pytest.mark.parametrize("shape", ["v1", "v2"])
+def test_run_with_the_sysfs_form_governs_the_group(tmp_path: Path, shape: str) -> None:
+    """`[scope] cgroup = "/sys/fs/cgroup/..."` (what a user pastes) runs on that group: it
+    used to exit 6 looking for /sys/fs/cgroup/memory/sys/fs/cgroup/..."""
+    from tests.daemon_util import start_daemon
+
+    (v1_tree if shape == "v1" else v2_tree)(tmp_path)
+    machine(tmp_path)
+    sysfs = "/sys/fs/cgroup/memory/box/bench" if shape == "v1" else "/sys/fs/cgroup/box/bench"
+    config = tmp_path / "edged.toml"
+    config.write_text(f'[scope]\ncgroup = "{sysfs}"\n[enforce]\nbackend = "none"\n')
+    daemon = start_daemon(
+        tmp_path,
+        "--root",
+        str(tmp_path),
+        "--config",
+        str(config),
+        env={"STATE_DIRECTORY": str(tmp_path / "state")},
+    )
+    try:
+        scope = daemon.call("status")["scope"]
+        assert scope["cgroup"] == "/box/bench"
+        assert scope["memory_used_bytes"] > 0
+    finally:
+        assert daemon.stop() == 0
+    assert "on cgroup /box/bench" in daemon.log()
+
+
 def test_run_with_a_missing_scope_exits_6_before_serving(tmp_path: Path) -> None:
     v1_tree(tmp_path)
     machine(tmp_path)

@@ -263,3 +263,39 @@ def test_a_group_removed_and_made_again_is_read_again(group: Group) -> None:
     assert members.pids() == set()
     sensor.close()
     members.close()
+
+
+def test_the_sysfs_form_of_a_real_group_is_governed(tmp_path: Path, group: Group) -> None:
+    """`[scope] cgroup` pasted from a shell (`/sys/fs/cgroup/memory/NAME`) governs the real
+    v1 group /NAME: the daemon starts (it used to exit 6), counts the member, and reports the
+    group by its /proc/PID/cgroup path; `edged sensors --scope` takes the same form."""
+    member = group.spawn(step=1, limit=0, start=0, tag="edged-scope-sysfs", inside=True)
+    cfg = tmp_path / "edged.toml"
+    cfg.write_text(
+        f'[sampling]\ninterval = "100ms"\n[scope]\ncgroup = "{group.dir("memory")}"\n'
+        '[enforce]\nbackend = "none"\n'
+    )
+    daemon = start_daemon(
+        tmp_path, "--config", str(cfg), env={"STATE_DIRECTORY": str(tmp_path / "state")}
+    )
+    try:
+        scope = daemon.call("status")["scope"]
+        assert scope["cgroup"] == f"/{group.name}"
+        deadline = time.monotonic() + 10
+        while scope.get("processes") != 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            scope = daemon.call("status")["scope"]
+        assert scope["processes"] == 1, scope
+        assert member.poll() is None
+    finally:
+        assert daemon.stop() == 0
+    printed = subprocess.run(
+        [sys.executable, "-m", "edged", "sensors", "--scope", str(group.dir("memory")), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    readings = json.loads(printed.stdout)["readings"]
+    usage = next(r for r in readings if r["metric"] == "edged.scope.memory.usage")
+    assert usage["attributes"] == {"edged.scope": f"/{group.name}"}

@@ -129,7 +129,13 @@ def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> int:
 
 
 # linux/capability.h numbers of the capabilities edged.service keeps.
-CAP_NUMBERS = {"CAP_KILL": 5, "CAP_SYS_PTRACE": 19, "CAP_SYS_NICE": 23, "CAP_SYS_RESOURCE": 24}
+CAP_NUMBERS = {
+    "CAP_KILL": 5,
+    "CAP_IPC_LOCK": 14,
+    "CAP_SYS_PTRACE": 19,
+    "CAP_SYS_NICE": 23,
+    "CAP_SYS_RESOURCE": 24,
+}
 
 
 def cap_bounding(pid: int) -> int:
@@ -297,6 +303,10 @@ def test_daemon_runs_with_the_units_capabilities(
         # Really restricted: the unit's set, less what this machine does not grant us at all.
         wanted = sum(1 << CAP_NUMBERS[c] for c in service_capabilities())
         assert cap_bounding(proc.pid) == wanted & cap_bounding(os.getpid())
+        if cap_bounding(os.getpid()) >> CAP_NUMBERS["CAP_IPC_LOCK"] & 1:
+            # CAP_IPC_LOCK is what lets it lock its pages (mlockall; see edged.memlock)
+            vm_lck = Path(f"/proc/{proc.pid}/status").read_text().split("VmLck:")[1].split()[0]
+            assert int(vm_lck) > 0
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
             client.settimeout(STOP_S)
             client.connect(str(sock_path))

@@ -30,6 +30,7 @@ UNITS = REPO / "systemd"
 SERVICE = UNITS / "edged.service"
 SOCKET = UNITS / "edged.socket"
 SYSUSERS = UNITS / "edged.sysusers.conf"
+SLICE_DROPIN = UNITS / "system.slice.d" / "50-edged.conf"
 
 # Exposure score of edged.service must stay at or below this ("OK" band is < 4.0 in systemd's
 # scale; the shipped unit scores 2.8 with systemd 252). What keeps it from going lower is what
@@ -40,6 +41,7 @@ HOST_UNIT_DIRS = (Path("/usr/lib/systemd/system"), Path("/lib/systemd/system"))
 # systemd's fixed search path for a bare ExecStart= name; a shim goes in the first.
 BARE_NAME_DIR = "usr/local/bin"
 TIMEOUT_S = 60
+MEMORY_KEYS = ("MemoryMin", "MemoryHigh", "MemoryMax")
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +167,20 @@ def test_verify_units_clean(analyze: str, tmp_path: Path) -> None:
     result = verify(analyze, root, "edged.service", "edged.socket")
     # verify exits 0 even for unknown keys and unparsable values; any message is a finding.
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+
+
+def test_verify_slice_dropin_clean(analyze: str, tmp_path: Path) -> None:
+    """The system.slice drop-in that makes edged.service's MemoryMin= effective loads clean
+    (verify reads drop-ins under --root: a misspelt key there is reported too)."""
+    units = {"edged.service": SERVICE.read_text(), "edged.socket": SOCKET.read_text()}
+    root = make_root(tmp_path, units)
+    dropin = root / "etc/systemd/system/system.slice.d" / SLICE_DROPIN.name
+    dropin.parent.mkdir(parents=True)
+    dropin.write_text(SLICE_DROPIN.read_text())
+    result = verify(analyze, root, "system.slice", "edged.service")
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+    dropin.write_text(SLICE_DROPIN.read_text().replace("MemoryMin=", "MemoryMn="))
+    assert "MemoryMn" in verify(analyze, root, "system.slice").stderr
 
 
 def test_verify_reports_a_typo(analyze: str, tmp_path: Path) -> None:
@@ -307,7 +323,13 @@ def test_service_basics(service: dict[str, dict[str, list[str]]]) -> None:
 
 def test_service_keeps_what_edged_needs(service: dict[str, dict[str, list[str]]]) -> None:
     caps = _words(service, "Service", "CapabilityBoundingSet")
-    assert caps == {"CAP_KILL", "CAP_SYS_NICE", "CAP_SYS_RESOURCE", "CAP_SYS_PTRACE"}
+    assert caps == {
+        "CAP_KILL",
+        "CAP_SYS_NICE",
+        "CAP_SYS_RESOURCE",
+        "CAP_SYS_PTRACE",
+        "CAP_IPC_LOCK",
+    }
     assert "User" not in service["Service"]  # root: cgroupfs, RAPL, D-Bus
     assert _last(service, "Service", "ProtectControlGroups") == "no"
     assert "/sys/fs/cgroup" in _words(service, "Service", "ReadWritePaths")
@@ -432,6 +454,18 @@ def test_memory_deny_write_execute_is_safe_for_edged() -> None:
 def test_service_limits_its_own_cost(service: dict[str, dict[str, list[str]]]) -> None:
     assert _last(service, "Service", "MemoryHigh") == "128M"
     assert _last(service, "Service", "MemoryMax") == "256M"
+    # kept resident (edged.memlock): mlockall needs CAP_IPC_LOCK or an unlimited rlimit,
+    # and on v2 reclaim spares the group below MemoryMin (protected in system.slice too)
+    assert _last(service, "Service", "LimitMEMLOCK") == "infinity"
+    assert _last(service, "Service", "MemoryMin") == "64M"
+    assert "CAP_IPC_LOCK" in _words(service, "Service", "CapabilityBoundingSet")
+    slice_min = _last(parse_unit(SLICE_DROPIN.read_text()), "Slice", "MemoryMin")
+    assert slice_min == _last(service, "Service", "MemoryMin")
+    from edged.config import parse_size_bytes
+
+    sizes = [parse_size_bytes(_last(service, "Service", k) or "") for k in MEMORY_KEYS]
+    assert sizes == sorted(sizes)
+    assert len(set(sizes)) == 3, sizes  # MemoryMin < MemoryHigh < MemoryMax
     assert _last(service, "Service", "OOMScoreAdjust") == "-900"
     assert _last(service, "Service", "CPUQuota") == "50%"
 

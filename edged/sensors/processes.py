@@ -26,6 +26,16 @@ would make edged's cost grow with the machine's process count, so reads are tier
 A vanished process makes pread fail with ESRCH: it is dropped, not reported as an error. A pid
 reused by a new process is told apart by its start time.
 
+A process's name changes when it execs (a program started from a shell is first seen as
+``bash``) or renames itself: a watched one is judged again when the name in its ``stat``
+changes (every tick, in every mode). An unmatched one (``processes = "rules"``) is not read
+every tick: at each listing its ``stat`` is read once more and, if its name or start time
+changed, it is judged again, so a rule on its post-exec name matches it within ``rescan_s``
+(one open and read per unmatched process per listing, about 18 us each on a 2-core VM, only
+while some rule could match).
+Each watched process keeps the index of the ``[[rules]]`` entry that classified it
+(:meth:`ProcessSensor.rule_counts`), for the warning on a rule that matches nothing.
+
 With a scope (``[scope] cgroup``, a :class:`~edged.sensors.scope.ScopeMembers`), the processes
 are those of the governed group and the groups below it, read every tick instead of listing
 ``/proc``: a process that enters the group is sampled from the next tick, one that leaves it is
@@ -45,7 +55,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edged.config import Rule
-from edged.rules import Classifier, ProcessInfo, ancestry, builtin_class, read_process_info
+from edged.rules import (
+    Classifier,
+    ProcessInfo,
+    ancestry,
+    builtin_class,
+    parse_stat_fields,
+    read_process_info,
+)
 from edged.sensors.base import KeptFile, Roots, Sensor
 from edged.sensors.cpu import USER_HZ
 from edged.snapshot import Reading
@@ -79,6 +96,7 @@ class Watched:
     info: ProcessInfo
     klass: str
     client: str = ""
+    rule: int | None = None  # index in [[rules]] of the first rule that matches it, if any
     stat: KeptFile = field(init=False)
     cpu_ticks: tuple[int, int] | None = None  # (utime, stime) at the last read
     read_at_s: float = 0.0
@@ -138,6 +156,7 @@ class ProcessSensor(Sensor):
         # the pids of the governed group at the last read; None without a scope
         self.in_scope: frozenset[int] | None = frozenset() if members is not None else None
         self._classifier = Classifier(rules)
+        self._has_rules = bool(rules)
         self._mode = mode
         # edged and its ancestors: never acted on, whatever a rule says
         self._ancestry = ancestry(Path(self._proc), os.getpid())
@@ -156,6 +175,9 @@ class ProcessSensor(Sensor):
         self._to_unwatch: set[int] = set()  # pids the next read stops sampling
         # unwatched clients' entries, files still open, for a next lease (see _stop_watching)
         self._parked: dict[int, tuple[Watched, float]] = {}
+        # settled unmatched pids -> (start time, name) when judged: checked again at each
+        # listing, so one that execs into what a rule names is judged again (see rescan)
+        self._unmatched: dict[int, tuple[int, str]] = {}
 
     def watch(self, pid: int, klass: str = "normal", client: str = "") -> None:
         """Sample ``pid`` from the next read on (a budget client), as ``klass`` and with
@@ -207,8 +229,20 @@ class ProcessSensor(Sensor):
     def _path(self) -> Path:
         return Path(self._proc)
 
-    def _add(self, info: ProcessInfo, klass: str, client: str = "") -> None:
-        watched = Watched(info=info, klass=klass, client=client)
+    def rule_counts(self) -> dict[int, int]:
+        """How many watched processes each ``[[rules]]`` entry (by index) classifies now; an
+        entry that classifies none is absent. Costs one pass over the watched processes:
+        the daemon asks at most once a second."""
+        counts: dict[int, int] = {}
+        for w in self.watched.values():
+            if w.rule is not None:
+                counts[w.rule] = counts.get(w.rule, 0) + 1
+        return counts
+
+    def _add(
+        self, info: ProcessInfo, klass: str, client: str = "", rule: int | None = None
+    ) -> None:
+        watched = Watched(info=info, klass=klass, client=client, rule=rule)
         if "\ufffd" not in info.name:  # else (not UTF-8) the first read sets it
             watched.comm = info.name.encode()
         watched.open(self._proc)
@@ -234,6 +268,8 @@ class ProcessSensor(Sensor):
             return
         pids = {int(e) for e in os.listdir(self._proc) if e.isdigit()}
         self._known &= pids  # forget pids that are gone, so a reuse is judged again
+        if self._unmatched:
+            self._recheck_unmatched(pids)
         now_ticks: float | None = None
         for pid in pids - self._known:
             if self._mode == "none":
@@ -243,10 +279,10 @@ class ProcessSensor(Sensor):
             if info is None:
                 self._known.add(pid)
                 continue
-            klass = self._class_of(info)
+            klass, rule = self._class_of(info)
             if klass is not None:
                 self._known.add(pid)
-                self._add(info, klass)
+                self._add(info, klass, rule=rule)
                 continue
             # Unmatched. A process seen in its first moments may not be what it will be: a
             # fork not yet exec'd carries its parent's name and command line, and a program
@@ -256,22 +292,52 @@ class ProcessSensor(Sensor):
                 now_ticks = self._uptime_ticks()
             if now_ticks - info.start_ticks >= YOUNG_S * CLK_TCK:
                 self._known.add(pid)
+                if self._has_rules:  # else nothing it becomes could match
+                    self._unmatched[pid] = (info.start_ticks, info.name)
 
-    def _class_of(self, info: ProcessInfo) -> str | None:
-        """edged and its ancestors critical; then the first matching rule; then (mode "all")
-        the built-in class or ``normal``. None: not sampled (mode "rules", no rule)."""
-        klass = self._classifier.classify(info)
+    def _recheck_unmatched(self, pids: set[int]) -> None:
+        """Judge again, at this listing, the settled unmatched processes whose name changed
+        since they were judged: a process started from a shell or a launcher was ``bash``
+        when seen and may since have exec'd into what a rule names (a rename by prctl too).
+        A changed start time is a reused pid: judged afresh as well."""
+        for pid, (start_ticks, name) in list(self._unmatched.items()):
+            if pid not in pids or pid in self.watched:  # gone, or watched meanwhile (a lease)
+                del self._unmatched[pid]
+                continue
+            try:
+                fd = os.open(f"{self._proc}/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    raw = os.read(fd, 4096)
+                finally:
+                    os.close(fd)
+                comm, fields = parse_stat_fields(raw)
+                changed = comm != name or int(fields[19]) != start_ticks
+            except (OSError, ValueError, IndexError):
+                changed = True  # gone since the listing: forgotten, not judged (no info)
+            if changed:
+                del self._unmatched[pid]
+                self._known.discard(pid)  # judged again by the caller's loop
+
+    def _class_of(self, info: ProcessInfo) -> tuple[str | None, int | None]:
+        """(class, index of the rule that gave it): the first matching rule; else (mode
+        "all") the built-in class or ``normal``; edged and its ancestors are critical whatever
+        gave them a class. (None, None): not sampled (mode "rules", no rule matches)."""
+        matched = self._classifier.classify_rule(info)
+        klass, rule = matched if matched is not None else (None, None)
         if klass is None and self._mode == "all":
             klass = builtin_class(info) or "normal"
         if klass is not None and (info.pid, info.start_ticks) in self._ancestry:
-            return "critical"
-        return klass
+            klass = "critical"
+        return klass, rule
 
-    def _scoped_class_of(self, info: ProcessInfo) -> str:
+    def _scoped_class_of(self, info: ProcessInfo) -> tuple[str, int | None]:
         """A governed group's member is always sampled: rule, built-in, else normal."""
+        matched = self._classifier.classify_rule(info)
+        klass, rule = matched if matched is not None else (None, None)
+        klass = klass or builtin_class(info) or "normal"
         if (info.pid, info.start_ticks) in self._ancestry:
-            return "critical"
-        return self._classifier.classify(info) or builtin_class(info) or "normal"
+            klass = "critical"
+        return klass, rule
 
     def scan_scope(self, members: ScopeMembers, relist: bool = False) -> None:
         """Watch the governed group's new members and drop the processes that left it.
@@ -291,7 +357,8 @@ class ProcessSensor(Sensor):
             info = read_process_info(self._path(), pid)
             if info is None:
                 continue
-            self._add(info, self._scoped_class_of(info))
+            klass, rule = self._scoped_class_of(info)
+            self._add(info, klass, rule=rule)
 
     def _start_watching(self) -> None:
         """Open the /proc files of the pids :meth:`watch` named since the last read (or take
@@ -315,7 +382,9 @@ class ProcessSensor(Sensor):
             if info is None:  # gone before it was ever sampled
                 self._explicit.pop(pid, None)
                 continue
-            self._add(info, explicit[0], explicit[1])
+            # the class is the lease's; the rule it matches still counts as matching
+            matched = self._classifier.classify_rule(info)
+            self._add(info, explicit[0], explicit[1], rule=matched[1] if matched else None)
 
     def read(self) -> list[Reading]:
         now_s = self._clock()
@@ -405,16 +474,22 @@ class ProcessSensor(Sensor):
         if info is None or info.start_ticks != watched.info.start_ticks:
             return  # gone: the next read drops it
         watched.comm = None  # the next read takes the new name as it is spelled
+        matched = self._classifier.classify_rule(info)
+        watched.rule = matched[1] if matched is not None else None
         if pid in self._explicit:  # a budget client keeps the class it was given
             watched.info = info
             watched.attributes_changed()
             return
-        klass = self._scoped_class_of(info) if self._members is not None else self._class_of(info)
-        if klass is None and self._members is None:
+        klass, _rule = (
+            self._scoped_class_of(info) if self._members is not None else self._class_of(info)
+        )
+        if klass is None:
             self.watched.pop(pid).close()  # no rule names it any more
+            if self._has_rules:  # it may exec again into what a rule names
+                self._unmatched[pid] = (info.start_ticks, info.name)
             return
         watched.info = info
-        watched.klass = klass or "normal"
+        watched.klass = klass
         watched.attributes_changed()
 
     def close(self) -> None:

@@ -4,8 +4,9 @@ With a scope, edged governs one cgroup (a container, a slice, a "virtual device"
 a big box) instead of the whole machine: limits are judged on the group's usage, percentages
 resolve against the group's limit, and only the group's processes can be victims.
 
-The path is a cgroup path as ``/proc/PID/cgroup`` writes it (``/system.slice/foo.service``),
-resolved per hierarchy under ``<sys>/fs/cgroup``:
+The path is a cgroup path as ``/proc/PID/cgroup`` writes it (``/system.slice/foo.service``;
+:func:`edged.config.cgroup_path` turns the ``/sys/fs/cgroup/...`` form a user may paste into
+it), resolved per hierarchy under ``<sys>/fs/cgroup``:
 
 - **v1**: ``memory/PATH`` (required: usage, limit, and the processes that are members),
   ``cpu,cpuacct/PATH`` or ``cpuacct/PATH`` (CPU time), ``cpu,cpuacct/PATH`` or ``cpu/PATH``
