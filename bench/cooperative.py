@@ -7,7 +7,7 @@ asserts nothing. It needs root and cgroup v1's memory controller, nothing else (
 no nohang: see *Peers* below).
 
 Why a sibling of ``protection.py`` and not one more of its scenarios: a protection scenario is
-one emergency per run, judged on machine-wide MemAvailable under a hugetlb balloon. Here a run
+one emergency per run, judged on machine-wide MemAvailable under a memfd balloon. Here a run
 is many incidents among long-lived processes that hold leases, talk to edged and are restarted
 when killed, and the question is not "who was hit first" but "how was each incident resolved".
 The machinery is shared (``protection.py``'s safety group, daemon handle, socket calls, the
