@@ -68,8 +68,16 @@ a daemon busy on both CPUs cannot delay it) where the safety group's ``memory.us
 really is used, at once; MemAvailable can lag a fast fill (free pages on the per-CPU lists are
 not counted in it, and this kernel sizes those lists itself), and a daemon that waits on a
 lagging MemAvailable is late: that is part of what is measured, not something to hide. A daemon
-that reads a figure the harness does not (edged also counts the per-CPU free pages) may act a
-little before or after the crossing.
+that reads a figure the harness does not may act a little before or after the crossing.
+
+Each daemon is given that one point in the measure it reads: earlyoom and nohang ``T`` in
+MemAvailable; edged ``hard`` = its own *used* at the start (MemTotal - MemAvailable - the free
+pages on the per-CPU lists, see edged/sensors/memory.py) + ``cross``. So all three cross it
+when the culprit has allocated ``cross`` MiB, as far as what each reads is true. After a large
+free (the previous run's culprit) this kernel keeps 1 GiB and more on those lists, which
+MemAvailable does not count and which a new allocation takes first: MemAvailable then stands
+still while memory fills, and a daemon that trusts it sees the crossing late. That is measured,
+not corrected for.
 
 MemAvailable is the whole machine's: memory that anything else on the machine takes while a
 run goes on (another user's tests, a build) moves it, and the daemons with it, and may make it
@@ -727,16 +735,28 @@ def wait_for_log(log: Path, marker: str, proc: subprocess.Popen[bytes], timeout_
     raise BenchError(f"no {marker!r} in {log} after {timeout_s} s")
 
 
-def edged_config(strategy: str, threshold_bytes: int, soft_cap_mib: float) -> str:
+def percpu_free_bytes() -> int:
+    """Free pages on the per-CPU lists (``count:`` in /proc/zoneinfo): free, yet not in
+    MemFree or MemAvailable. After a large free this kernel keeps over 1 GiB there, and
+    drains it only as it is allocated again."""
+    pages = 0
+    for line in Path("/proc/zoneinfo").read_text().splitlines():
+        words = line.split()
+        if len(words) == 2 and words[0] == "count:":
+            pages += int(words[1])
+    return pages * PAGE
+
+
+def edged_config(strategy: str, hard_bytes: int, soft_cap_mib: float) -> str:
     """What a user writes: the two levels and the strategy, nothing else."""
-    hard = meminfo()["MemTotal"] - threshold_bytes
+    hard = hard_bytes
     soft = hard - int(min(SOFT_BELOW_HARD_MIB, soft_cap_mib) * MiB)
     return f'[limits.memory]\nsoft = {soft}\nhard = {hard}\n\n[strategy]\nname = "{strategy}"\n'
 
 
 def start_daemon(
     name: str, workdir: Path, src: Path, threshold_bytes: int, soft_cap_mib: float, *,
-    flat_nice: bool = False,
+    edged_hard_bytes: int = 0, flat_nice: bool = False,
 ) -> Daemon:  # fmt: skip
     tag = uuid.uuid4().hex[:6]
     log = workdir / f"{name}-{tag}.log"
@@ -766,7 +786,7 @@ def start_daemon(
         marker = "Monitoring has started"
     elif name.startswith("edged-"):
         cfg = workdir / f"edged-{tag}.toml"
-        cfg.write_text(edged_config(name.removeprefix("edged-"), threshold_bytes, soft_cap_mib))
+        cfg.write_text(edged_config(name.removeprefix("edged-"), edged_hard_bytes, soft_cap_mib))
         sock = workdir / f"edged-{tag}.sock"
         env["STATE_DIRECTORY"] = str(workdir / f"state-{tag}")
         argv = [
@@ -880,8 +900,12 @@ def run_once(
         cross = int(scenario.cross_mib * MiB)
         margin = int(margin_mib * MiB)
         usage0 = group.usage_bytes()
-        available0 = meminfo()["MemAvailable"]
+        info0 = meminfo()
+        available0 = info0["MemAvailable"]
         threshold = available0 - cross
+        # the same point in edged's own measure of used (MemTotal - MemAvailable - per-CPU
+        # free pages): where it is when the culprit has allocated `cross`
+        edged_hard = info0["MemTotal"] - available0 - percpu_free_bytes() + cross
         group.limit(usage0 + cross + margin)
         if inner is not None:
             inner.limit(inner.usage_bytes() + cross + margin)
@@ -891,8 +915,9 @@ def run_once(
         # edged's soft level: 256 MiB under hard, but never below where the scenario starts
         daemon_ns = time.time_ns()
         daemon = start_daemon(
-            daemon_name, workdir, src, threshold, scenario.cross_mib / 2, flat_nice=flat_nice
-        )
+            daemon_name, workdir, src, threshold, scenario.cross_mib / 2,
+            edged_hard_bytes=edged_hard, flat_nice=flat_nice,
+        )  # fmt: skip
         cpu0 = cpu_seconds(daemon.proc.pid) if daemon.proc else 0.0
         time.sleep(1.0)  # a second of calm: every daemon has looked at least once
         monitor = Monitor(group, usage0 + cross, threshold)
