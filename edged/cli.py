@@ -356,6 +356,25 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(
             f"  memory used {used / 2**30:.2f} GiB of {total / 2**30:.2f} GiB ({used / total:.0%})"
         )
+    levels = result.get("levels", {}).get("memory")
+    if levels is not None:
+        parts = [
+            f"{name} {value / 2**30:.2f} GiB"
+            for name in ("soft", "hard")
+            if (value := levels.get(name)) is not None
+        ]
+        if parts:
+            print(f"  memory levels: {', '.join(parts)}")
+    protection = result.get("protection")
+    if protection is not None and "classes" in protection:
+        classes = protection["classes"]
+        total = sum(classes.values())
+        spelled = ", ".join(f"{n} {k}" for k, n in sorted(classes.items()))
+        woken = "; ".join(protection.get("woken_by", [])) or "its tick only"
+        print(
+            f"  watching {total} processes ({spelled}; {protection['processes']}), "
+            f"woken by {woken}"
+        )
     scope = result.get("scope")
     if scope is not None:
         line = f"  scope {scope['cgroup']}:"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -92,6 +93,17 @@ def test_only_limits_and_an_unnamed_hog_is_acted_on(
         assert os.getpid() not in {e["pid"] for e in decided}  # edged's ancestor
         assert service.poll() is None
         assert hog.poll() is None
+        status = daemon.call("status")
+        assert status["protection"]["processes"] == "all"
+        assert status["protection"]["classes"]["normal"] >= 2  # the hog and the service
+        assert status["protection"]["classes"]["critical"] >= 1  # this test process, at least
+        assert status["levels"]["memory"]["hard"] == base + 500 * MiB
+        shown = subprocess.run(
+            [sys.executable, "-m", "edged", "status", "--socket", str(daemon.socket_path)],
+            capture_output=True, text=True, timeout=30, check=True,
+        ).stdout  # fmt: skip
+        assert "watching" in shown, shown
+        assert "memory levels: soft" in shown, shown
     finally:
         assert daemon.stop() == 0
 
