@@ -462,11 +462,11 @@ class Daemon:
         """The kernel said memory crossed a level or stalls: tick now, not at the deadline
         (at most one early tick per WAKE_GAP_S: the fast tick takes over from there)."""
         assert self._wake is not None
-        if not self._wake.drain() or self._waiter is None:
+        if not self._wake.drain():
             return
-        if time.monotonic() - self._last_tick_s < WAKE_GAP_S:
+        self.wakeups += 1  # notifications received (a tick may already be under way)
+        if self._waiter is None or time.monotonic() - self._last_tick_s < WAKE_GAP_S:
             return
-        self.wakeups += 1
         self._woken_early = True
         _wake(self._waiter)
 

@@ -19,7 +19,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,18 +36,6 @@ pytestmark = [pytest.mark.root, pytest.mark.cgroup_v1]
 
 MiB = 2**20
 V1 = Path("/sys/fs/cgroup")
-
-
-@pytest.fixture
-def children() -> Iterator[list[subprocess.Popen[str]]]:
-    procs: list[subprocess.Popen[str]] = []
-    yield procs
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-        p.wait(timeout=10)
-        if p.stdout is not None:
-            p.stdout.close()
 
 
 def memory_cgroup_of(pid: int) -> str:
