@@ -766,6 +766,12 @@ def _top_loop_rich(client: Any, args: argparse.Namespace) -> int:
             time.sleep(args.interval)
 
 
+def shell_status(returncode: int) -> int:
+    """COMMAND's exit status as a shell reports it: its code, or 128 + N when signal N ended
+    it (``Popen`` says -N, which as an exit code would wrap to 256 - N: 247 for SIGKILL)."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
 def _hold_budget(args: argparse.Namespace, params: dict[str, Any]) -> int:
     """``budget request``: a lease lives as long as the connection that holds it, so the CLI
     holds it: while COMMAND runs (the lease is for COMMAND's pid unless ``--pid``; the exit
@@ -814,7 +820,7 @@ def _hold_budget(args: argparse.Namespace, params: dict[str, Any]) -> int:
             if child is not None:
                 if child.poll() is None:
                     child.terminate()
-                return child.wait()
+                return shell_status(child.wait())
             return EXIT_OK
     except _client_errors() as exc:
         if child is not None and child.poll() is None:

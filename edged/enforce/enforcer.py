@@ -61,7 +61,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from edged.enforce.cgroupfs import CgroupBackend, NotPlaceable
+from edged.enforce.cgroupfs import CgroupBackend, CgroupV1, NotPlaceable
 from edged.enforce.nvml import GpuPowerLever
 from edged.enforce.restore import StateStore, StoppedRecord, UnitRecord, restore_unit
 from edged.enforce.signals import (
@@ -76,6 +76,8 @@ from edged.enforce.signals import (
 from edged.enforce.systemd import (
     NO_UNIT_FOR_PID,
     NOT_SUPPORTED,
+    ROOT_SLICE,
+    UNIT_EXISTS,
     UNKNOWN_METHOD,
     SystemdUnits,
     actable,
@@ -88,6 +90,7 @@ log = logging.getLogger(__name__)
 REACTION_WINDOW = 63  # actions the running median covers
 DEFAULT_REACTION_TIME_S = 0.05  # until something has been measured (State's default too)
 _UNDO = (ActionKind.THAW, ActionKind.UNTHROTTLE)
+ROOT_SCOPE_NAME_TRIES = 4  # edged-pid-N.scope, then -1.. -3 (an older scope still loaded)
 
 
 class Status(str, enum.Enum):
@@ -148,8 +151,16 @@ class Enforcer:
         gpus: GpuPowerLever | None = None,
         units: SystemdUnits | None = None,
         own_unit: str | None = None,
+        root_scopes: bool | None = None,
     ) -> None:
         self.backend = backend
+        # a process in the root cgroup goes into a transient scope of its own (see
+        # _root_scope): on cgroup v2 under systemd, where the root belongs to systemd (mode
+        # 0555: edged cannot, and must not, make groups there). Default: wherever systemd's
+        # API is given and the cgroup backend is not v1 (a v1 root is edged's to use).
+        if root_scopes is None:
+            root_scopes = units is not None and not isinstance(backend, CgroupV1)
+        self.root_scopes = root_scopes
         self.gpus = gpus
         self.units = units
         self._own_unit = own_unit
@@ -518,9 +529,62 @@ class Enforcer:
             if exc.error_name == NO_UNIT_FOR_PID:
                 return None
             raise
+        if unit == ROOT_SLICE and self.root_scopes and self._cgroup_of(a.pid) == "/":
+            return self._root_scope(a)
         if unit == self._own() or not actable(unit):
             return None
         return unit
+
+    def _cgroup_of(self, pid: int) -> str | None:
+        """The process's cgroup v2 path (the ``0::`` line of /proc/PID/cgroup), None if
+        unreadable."""
+        try:
+            text = (self.signals.proc / str(pid) / "cgroup").read_text()
+        except OSError:
+            return None
+        for line in text.splitlines():
+            if line.startswith("0::"):
+                return line[3:]
+        return None
+
+    def _root_scope(self, a: Action) -> str:
+        """A transient scope ``edged-pid-N.scope`` in ``-.slice`` holding only ``a.pid``, a
+        process in the root cgroup, so systemd can limit or freeze it as a unit.
+
+        Why a scope and not a group of edged's own: on v2 under systemd the root cgroup is
+        systemd's (mode 0555; the shipped unit has no CAP_DAC_OVERRIDE, and systemd's
+        delegation rules forbid other writers there), and ``Delegate=yes`` groups under
+        edged's own unit would charge the victim to edged's ``MemoryMax`` and kill it with
+        edged at stop (``KillMode=mixed``). ``-.slice`` is where the process was, so it stays
+        under exactly the limits it had (none above it but the machine's). The scope is
+        recorded first (a crash after the start is undone at restart) and abandoned once
+        nothing is held: the process runs on in it, limit-free, and systemd collects it when
+        the process exits (``CollectMode=inactive-or-failed``, also after a kill)."""
+        units = self._units()
+        properties: list[tuple[str, tuple[str, object]]] = [
+            ("Description", ("s", f"edged: pid {a.pid}, from the root cgroup")),
+            ("PIDs", ("au", [a.pid])),
+            ("Slice", ("s", ROOT_SLICE)),
+            ("CollectMode", ("s", "inactive-or-failed")),
+        ]
+        for attempt in range(ROOT_SCOPE_NAME_TRIES):
+            name = f"edged-pid-{a.pid}" + (f"-{attempt}" if attempt else "") + ".scope"
+            record = self.store.unit(name)
+            record.own_scope = True
+            record.pids[str(a.pid)] = a.start_ticks
+            self.store.save()
+            try:
+                units.start_scope(name, properties, pid=a.pid)
+            except UnitError as exc:
+                if exc.error_name:  # refused: nothing was made under this name
+                    del self.store.data.units[name]
+                    self.store.save()
+                    if exc.error_name == UNIT_EXISTS:
+                        continue
+                raise
+            log.info("pid=%d was in the root cgroup: now alone in %s", a.pid, name)
+            return name
+        raise EnforceError(a.pid, "scope", f"{ROOT_SCOPE_NAME_TRIES} scope names taken")
 
     def _own(self) -> str:
         """edged's own unit ("" when it runs in none)."""

@@ -109,11 +109,15 @@ class UnitRecord(msgspec.Struct, omit_defaults=True):
     # a scope edged started for a budget lease (edged.budget.enforce.ScopeLeases), its
     # MemoryMax / CPUQuotaPerSecUSec still set: released with SystemdUnits.release_scope
     lease_scope: bool = False
+    # a scope edged started to hold a process that was in the root cgroup (v2 under systemd,
+    # see Enforcer._root_scope): abandoned once nothing is held, its process lives on in it
+    own_scope: bool = False
 
     def imposed(self) -> bool:
         """Whether anything is still changed on the unit."""
         return (
             self.lease_scope
+            or self.own_scope
             or self.frozen
             or self.previous_memory_high_bytes is not None
             or self.previous_cpu_quota_usec_per_s is not None
@@ -307,6 +311,10 @@ def restore_unit(units: SystemdUnits, name: str, record: UnitRecord) -> int:
     if record.lease_scope:
         units.release_scope(name)
         record.lease_scope = False
+        done = 1
+    if record.own_scope:
+        units.abandon_quietly(name)
+        record.own_scope = False
         done = 1
     if done:
         log.info("restore: put %s back as it was", name)

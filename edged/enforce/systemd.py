@@ -104,7 +104,8 @@ _TYPE_INTERFACES = {
 # Units edged acts on: the leaves that hold processes. A pid in the root cgroup reports
 # "-.slice" and pid 1 "init.scope"; throttling those would throttle the whole machine.
 ACTABLE_SUFFIXES = (".service", ".scope")
-NEVER_ACTED_ON = frozenset({"init.scope", "-.slice"})
+ROOT_SLICE = "-.slice"
+NEVER_ACTED_ON = frozenset({"init.scope", ROOT_SLICE})
 
 
 def systemd_booted(root: Path = Path("/")) -> bool:
@@ -280,6 +281,15 @@ class SystemdUnits:
         """``AbandonScope(name)``: systemd keeps the scope (and its processes) until they
         exit; edged no longer manages it."""
         self._manager("AbandonScope", "s", (name,), unit=name)
+
+    def abandon_quietly(self, name: str) -> None:
+        """``AbandonScope`` where the scope still runs; one that is not running or is gone
+        needs nothing (its processes exited)."""
+        try:
+            self.abandon_scope(name)
+        except UnitError as exc:
+            if exc.error_name not in (SCOPE_NOT_RUNNING, NO_SUCH_UNIT):
+                raise
 
     def release_scope(self, name: str, *, cpu: bool = True) -> None:
         """End edged's hold on lease scope ``name`` without ending its processes:
