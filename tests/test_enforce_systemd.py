@@ -140,6 +140,9 @@ def test_calls_carry_the_documented_signatures_and_values(
     assert gets == [
         ("org.freedesktop.systemd1.Service", "MemoryHigh"),
         ("org.freedesktop.systemd1.Service", "CPUQuotaPerSecUSec"),
+        # lifting MemoryHigh reads the unit's cgroup to check the kernel agrees (see
+        # SystemdUnits._lifted_in_cgroup)
+        ("org.freedesktop.systemd1.Service", "ControlGroup"),
     ]
     assert [(c.signature, c.body) for c in sets(manager)] == [
         ("sba(sv)", ("app.service", True, [("MemoryHigh", ("t", 256 * MiB))])),

@@ -40,8 +40,9 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from pathlib import Path
+
+import tomllib  # type: ignore[import-not-found,unused-ignore]  # the lane needs Python 3.11
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGE_DIR = REPO / "vm" / "image"
@@ -81,9 +82,11 @@ def log(message: str) -> None:
     print(f"[vm-lane {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+def run(
+    cmd: list[str], env: dict[str, str] | None = None, capture_output: bool = False
+) -> subprocess.CompletedProcess[str]:
     log("$ " + shlex.join(cmd))
-    return subprocess.run(cmd, check=True, text=True, **kwargs)  # type: ignore[call-overload]
+    return subprocess.run(cmd, check=True, text=True, env=env, capture_output=capture_output)
 
 
 def cache_root() -> Path:
@@ -179,8 +182,9 @@ def build_image(target: Path) -> None:
         run([*chroot, "systemctl", "enable", "edged-vm-lane.service"], env=env)
         # nothing to wait for: the VM has no network
         for unit in ("apt-daily.timer", "apt-daily-upgrade.timer", "e2scrub_all.timer"):
-            subprocess.run([*chroot, "systemctl", "disable", unit], env=env, check=False,
-                           capture_output=True)
+            subprocess.run(
+                [*chroot, "systemctl", "disable", unit], env=env, check=False, capture_output=True
+            )
         # the root account: passwordless login on the console, for debugging by hand
         run([*chroot, "passwd", "-d", "root"], env=env, capture_output=True)
         boot = rootfs / "boot"
@@ -188,8 +192,19 @@ def build_image(target: Path) -> None:
         initrd = next(boot.glob("initrd.img-*"))
         shutil.copy2(kernel, work / "vmlinuz")
         shutil.copy2(initrd, work / "initrd.img")
-        run(["mkfs.ext4", "-q", "-F", "-L", "edged-root", "-d", str(rootfs),
-             str(work / "root.img"), ROOT_IMAGE_SIZE])
+        run(
+            [
+                "mkfs.ext4",
+                "-q",
+                "-F",
+                "-L",
+                "edged-root",
+                "-d",
+                str(rootfs),
+                str(work / "root.img"),
+                ROOT_IMAGE_SIZE,
+            ]
+        )
         shutil.rmtree(rootfs)
         shutil.rmtree(wheels)
         (work / "built").write_text(f"{time.monotonic() - started_s:.0f} s\n")
@@ -235,8 +250,7 @@ def lane_disk(run_dir: Path, pytest_args: list[str]) -> Path:
     shutil.copy2(REPO / "pyproject.toml", inside / "pyproject.toml")
     (inside / "pytest-args").write_text("\n".join(pytest_args) + ("\n" if pytest_args else ""))
     disk = run_dir / "lane.img"
-    run(["mkfs.ext4", "-q", "-F", "-L", LANE_LABEL, "-d", str(content), str(disk),
-         LANE_DISK_SIZE])
+    run(["mkfs.ext4", "-q", "-F", "-L", LANE_LABEL, "-d", str(content), str(disk), LANE_DISK_SIZE])
     return disk
 
 

@@ -495,8 +495,16 @@ class CgroupV1(_Base):
         group = self._own(group)
         self._max_bytes.pop(group, None)
         removed = False
+        failed: CgroupError | None = None
+        # every controller's directory is tried: stopping at the first that fails (a process
+        # forked into it meanwhile) left the others half-removed and never collected
         for c in self.controllers:
-            removed |= self._rmdir(self._dir(c, group), group)
+            try:
+                removed |= self._rmdir(self._dir(c, group), group)
+            except CgroupError as exc:
+                failed = failed or exc
+        if failed is not None:
+            raise failed
         self._layouts.pop(group, None)
         return removed
 

@@ -61,7 +61,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from edged.enforce.cgroupfs import CgroupBackend, CgroupV1, NotPlaceable
+from edged.enforce.cgroupfs import CgroupBackend, CgroupV2, NotPlaceable
 from edged.enforce.nvml import GpuPowerLever
 from edged.enforce.restore import StateStore, StoppedRecord, UnitRecord, restore_unit
 from edged.enforce.signals import (
@@ -71,9 +71,11 @@ from edged.enforce.signals import (
     Signaller,
     StaleProcess,
     UnitError,
+    exited,
     read_start_ticks,
 )
 from edged.enforce.systemd import (
+    NO_SUCH_UNIT,
     NO_UNIT_FOR_PID,
     NOT_SUPPORTED,
     ROOT_SLICE,
@@ -157,9 +159,9 @@ class Enforcer:
         # a process in the root cgroup goes into a transient scope of its own (see
         # _root_scope): on cgroup v2 under systemd, where the root belongs to systemd (mode
         # 0555: edged cannot, and must not, make groups there). Default: wherever systemd's
-        # API is given and the cgroup backend is not v1 (a v1 root is edged's to use).
+        # API is given and the cgroup backend is v2 (a v1 root is edged's to use).
         if root_scopes is None:
-            root_scopes = units is not None and not isinstance(backend, CgroupV1)
+            root_scopes = units is not None and isinstance(backend, CgroupV2)
         self.root_scopes = root_scopes
         self.gpus = gpus
         self.units = units
@@ -295,7 +297,7 @@ class Enforcer:
                 del self.store.data.stopped[pid_text]
         for name, unit in list(self.store.data.units.items()):
             for pid_text, ticks in list(unit.pids.items()):
-                if read_start_ticks(int(pid_text), self.signals.proc) != ticks:
+                if exited(int(pid_text), ticks, self.signals.proc):
                     self._unit_drop(name, int(pid_text))
             try:
                 self._unit_settle(name)
@@ -327,6 +329,13 @@ class Enforcer:
             return self._freeze(a)
         if a.kind is ActionKind.THAW:
             return self._thaw(a)
+        if a.kind in (ActionKind.TERMINATE, ActionKind.KILL):
+            unit = self.store.unit_of(a.pid)
+            if unit is not None and self.store.unit(unit).frozen:
+                # thaw the unit first: on v2 a fatal signal ends even a frozen task, the unit
+                # then stops before ThawUnit reaches it, and systemd 252 keeps
+                # FreezerState=frozen into the service's restart (tests/vm)
+                self._unfreeze(a.pid, a.start_ticks)
         if a.kind is ActionKind.TERMINATE:
             self.signals.terminate(a.pid, a.start_ticks)
             self._let_signal_through(a)
@@ -524,14 +533,14 @@ class Enforcer:
             self._unit_drop(known, a.pid)  # a record of an earlier process with this pid
             self._unit_settle(known)
         try:
-            unit = self.units.unit_of(a.pid)
+            unit: str | None = self.units.unit_of(a.pid)
         except UnitError as exc:
-            if exc.error_name == NO_UNIT_FOR_PID:
-                return None
-            raise
-        if unit == ROOT_SLICE and self.root_scopes and self._cgroup_of(a.pid) == "/":
+            if exc.error_name != NO_UNIT_FOR_PID:
+                raise
+            unit = None  # systemd 252 says so for a process in the root cgroup
+        if unit in (None, ROOT_SLICE) and self.root_scopes and self._cgroup_of(a.pid) == "/":
             return self._root_scope(a)
-        if unit == self._own() or not actable(unit):
+        if unit is None or unit == self._own() or not actable(unit):
             return None
         return unit
 
@@ -673,9 +682,22 @@ class Enforcer:
             previous_cpu_quota_usec_per_s=(
                 None if record.cpu_pids else record.previous_cpu_quota_usec_per_s
             ),
+            # the scope edged made for a root-cgroup process, once nothing is held in it
+            own_scope=record.own_scope
+            and not (record.memory_pids or record.cpu_pids or record.frozen_pids),
         )
         if lift.imposed():
-            restore_unit(self._units(), unit, lift)
+            try:
+                restore_unit(self._units(), unit, lift)
+            except UnitError as exc:
+                if exc.error_name != NO_SUCH_UNIT:
+                    raise
+                # stopped and unloaded (a transient unit whose process died): nothing is
+                # left to put back
+                log.info("%s is gone: forgetting what edged set on it", unit)
+                del self.store.data.units[unit]
+                self.store.save()
+                return
             if not record.frozen_pids:
                 record.frozen = False
             if not record.memory_pids:
@@ -683,6 +705,8 @@ class Enforcer:
             if not record.cpu_pids:
                 record.previous_cpu_quota_usec_per_s = None
                 record.cpu_quota_cores = None
+            if lift.own_scope:
+                record.own_scope = False
         if not record.imposed() and not (
             record.memory_pids or record.cpu_pids or record.frozen_pids
         ):

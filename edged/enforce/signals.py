@@ -83,6 +83,18 @@ def read_start_ticks(pid: int, proc: Path = Path("/proc")) -> int | None:
     return int(raw[raw.rindex(b")") + 2 :].split()[19])
 
 
+def exited(pid: int, start_ticks: int, proc: Path = Path("/proc")) -> bool:
+    """Whether the process (pid, start_ticks) has exited: gone, its pid reused, or a zombie
+    (dead, its memory freed, only its parent's wait() outstanding: nothing edged imposed on
+    it still does anything)."""
+    try:
+        raw = (proc / str(pid) / "stat").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    fields = raw[raw.rindex(b")") + 2 :].split()
+    return int(fields[19]) != start_ticks or fields[0] == b"Z"
+
+
 class Signaller:
     """Sends signals to processes identified by (pid, start_ticks).
 

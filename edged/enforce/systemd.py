@@ -83,6 +83,7 @@ ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
 AUTH_REQUIRED = "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired"
 NOT_SUPPORTED = "org.freedesktop.DBus.Error.NotSupported"
 UNKNOWN_METHOD = "org.freedesktop.DBus.Error.UnknownMethod"
+UNIT_INACTIVE = "org.freedesktop.systemd1.UnitInactive"  # ThawUnit of a stopped unit
 UNIT_EXISTS = "org.freedesktop.systemd1.UnitExists"  # StartTransientUnit of a loaded name
 SCOPE_NOT_RUNNING = "org.freedesktop.systemd1.ScopeNotRunning"  # AbandonScope of a dead scope
 PROPERTY_READ_ONLY = "org.freedesktop.DBus.Error.PropertyReadOnly"  # also: unknown property
@@ -151,7 +152,13 @@ class SystemdUnits:
     connection is opened on first use and reopened once if it breaks (dbus-daemon restarts).
     """
 
-    def __init__(self, address: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        address: str | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        cgroup_root: Path = Path("/sys/fs/cgroup"),
+    ) -> None:
+        self.cgroup_root = cgroup_root
         self.address = system_bus_address() if address is None else address
         self.timeout_s = timeout_s
         self._conn: Any = None
@@ -179,10 +186,47 @@ class SystemdUnits:
     def set_memory_high(self, unit: str, value: int) -> None:
         """``MemoryHigh`` = ``value`` bytes (UINT64_MAX lifts it), at runtime."""
         self.set_properties(unit, [("MemoryHigh", ("t", value))])
+        if value == UINT64_MAX:
+            self._lifted_in_cgroup(unit, "memory.high")
 
     def set_cpu_quota(self, unit: str, usec_per_s: int) -> None:
         """``CPUQuotaPerSecUSec`` = ``usec_per_s`` (UINT64_MAX lifts it), at runtime."""
         self.set_properties(unit, [("CPUQuotaPerSecUSec", ("t", usec_per_s))])
+        if usec_per_s == UINT64_MAX:
+            self._lifted_in_cgroup(unit, "cpu.max")
+
+    def _lifted_in_cgroup(self, unit: str, name: str) -> None:
+        """Make the unit's cgroup file say "max" after its property was set to infinity.
+
+        Seen under systemd 252 on cgroup v2: once a unit has no CPU setting left, systemd no
+        longer counts the cpu controller as needed *for that unit* and stops writing its
+        cpu.* files, but the controller stays enabled while a sibling needs it (edged.service's
+        own CPUQuota= is enough), so ``cpu.max`` kept edged's quota after
+        ``CPUQuotaPerSecUSec=infinity`` (tests/vm/test_enforce_units.py). The property already
+        says infinity, so writing "max" only makes the kernel agree with systemd."""
+        try:
+            group = self.control_group(unit)
+        except EnforceError as exc:  # UnitError included: a fake or old manager
+            log.debug("%s: no ControlGroup to check %s: %s", unit, name, exc)
+            return
+        if not group:
+            return
+        path = self.cgroup_root / group.lstrip("/") / name
+        try:
+            if not path.read_text().startswith("max"):
+                path.write_text("max")
+                log.info("%s: %s set to max (systemd left it behind)", unit, path)
+        except OSError as exc:  # no such controller for it (nothing to lift), or gone
+            log.debug("%s: %s: %s", unit, path, exc)
+
+    def control_group(self, unit: str) -> str:
+        """The unit's ``ControlGroup`` ("" when it has none: not running)."""
+        interface = _TYPE_INTERFACES.get(unit.rpartition(".")[2])
+        if interface is None:
+            raise UnitError(unit, "Get", "ControlGroup: unit type has no cgroup")
+        (path,) = self._manager("GetUnit", "s", (unit,), unit=unit)
+        value = self._get(str(path), interface, "ControlGroup", unit)
+        return value if isinstance(value, str) else ""
 
     def set_properties(self, unit: str, properties: list[tuple[str, tuple[str, Any]]]) -> None:
         """``SetUnitProperties(unit, runtime=true, properties)``, signature ``sba(sv)``."""
@@ -193,8 +237,14 @@ class SystemdUnits:
         self._manager("FreezeUnit", "s", (unit,), unit=unit)
 
     def thaw(self, unit: str) -> None:
-        """``ThawUnit(unit)``: undo :meth:`freeze`."""
-        self._manager("ThawUnit", "s", (unit,), unit=unit)
+        """``ThawUnit(unit)``: undo :meth:`freeze`. A unit that is no longer running (its
+        processes died while frozen: a fatal signal ends a task in a frozen v2 group) has
+        nothing frozen: not an error. One that is gone raises ``NoSuchUnit``."""
+        try:
+            self._manager("ThawUnit", "s", (unit,), unit=unit)
+        except UnitError as exc:
+            if exc.error_name != UNIT_INACTIVE:
+                raise
 
     def ping(self) -> None:
         """``org.freedesktop.DBus.Peer.Ping`` to the manager: whether systemd answers on this
