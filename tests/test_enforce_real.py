@@ -23,6 +23,7 @@ from edged.enforce.cgroupfs import CgroupV1, MiB
 from edged.enforce.enforcer import Enforcer, Status
 from edged.enforce.restore import StateStore, restore_all
 from edged.enforce.signals import (
+    CgroupError,
     NoSuchProcess,
     ProtectedProcess,
     Signaller,
@@ -271,6 +272,24 @@ def test_release_moves_back_and_remove_rmdirs(lab: Lab, backend: CgroupV1) -> No
     assert backend.remove(group)
     assert not any((ROOT / c / group).exists() for c in CONTROLLERS)
     assert not backend.remove(group)  # already gone: fine
+
+
+def test_remove_takes_down_every_controller_it_can(lab: Lab, backend: CgroupV1) -> None:
+    # a process still in the group in one controller only (a split placement): that one
+    # rmdir fails, and the others must still be removed, not left half-made for ever
+    child = lab.spawn(SPINNER)
+    before = {c: cgroup_of(child.pid, c) for c in CONTROLLERS}
+    group = backend.place(child.pid, "split")
+    held = CONTROLLERS[0]
+    for c in CONTROLLERS[1:]:
+        (ROOT / c / before[c].lstrip("/") / "cgroup.procs").write_text(str(child.pid))
+    with pytest.raises(CgroupError, match="rmdir"):
+        backend.remove(group)
+    assert (ROOT / held / group).exists()
+    assert not any((ROOT / c / group).exists() for c in CONTROLLERS[1:])
+    assert backend.release(child.pid)
+    assert backend.remove(group)
+    assert not any((ROOT / c / group).exists() for c in CONTROLLERS)
 
 
 def test_kill_all_kills_a_frozen_group(lab: Lab, backend: CgroupV1) -> None:

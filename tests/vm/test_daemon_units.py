@@ -253,3 +253,26 @@ def test_a_freeze_left_by_a_killed_edged_is_thawed_by_the_restarted_one(
     assert alive(pid)
     time.sleep(1)
     assert str(pid) not in STATE_FILE.read_text()
+
+
+def test_beside_systemd_oomd_edged_acts_first_and_on_the_hog(units_made: list[str]) -> None:
+    """systemd-oomd as a user would enable it for a service (``ManagedOOMMemoryPressure=kill``,
+    its default 60 % limit over 30 s; Debian ships no policy of its own, so without this it
+    acts on nothing), side by side with edged on its defaults: the same growing service. edged
+    must end the hog, and before systemd-oomd has killed anything."""
+    if prop("systemd-oomd.service", "LoadState") != "loaded":
+        pytest.skip("systemd-oomd is not in this image")
+    sh("systemctl", "start", "systemd-oomd.service", timeout=120)
+    assert prop("systemd-oomd.service", "ActiveState") == "active"
+    start_edged("")
+    since = sh("date", "+%Y-%m-%d %H:%M:%S").strip()
+    unit, hog = run_service(
+        units_made, ["python3", "-c", HOG], "ManagedOOMMemoryPressure=kill"
+    )
+    wait_for("the hog ended", lambda: not alive(hog), timeout_s=180)
+    mine = [e for e in events() if e.get("pid") == hog and e.get("status") == "done"]
+    assert {e["action"] for e in mine} & {"terminate", "kill"}, mine
+    oomd = sh("journalctl", "-u", "systemd-oomd.service", "--since", since, "--no-pager")
+    assert "Killed" not in oomd, oomd
+    print(f"edged ended pid {hog} in {unit}: {[e['action'] for e in mine]}; systemd-oomd: "
+          f"{'nothing' if 'Killed' not in oomd else oomd}")
