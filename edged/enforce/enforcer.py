@@ -686,6 +686,7 @@ class Enforcer:
             own_scope=record.own_scope
             and not (record.memory_pids or record.cpu_pids or record.frozen_pids),
         )
+        abandon = lift.own_scope  # restore_unit clears it in `lift` once done
         if lift.imposed():
             try:
                 restore_unit(self._units(), unit, lift)
@@ -705,7 +706,7 @@ class Enforcer:
             if not record.cpu_pids:
                 record.previous_cpu_quota_usec_per_s = None
                 record.cpu_quota_cores = None
-            if lift.own_scope:
+            if abandon:
                 record.own_scope = False
         if not record.imposed() and not (
             record.memory_pids or record.cpu_pids or record.frozen_pids
