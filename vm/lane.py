@@ -36,6 +36,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -290,10 +291,12 @@ def boot(images: Path, disk: Path, console_log: Path) -> int:
         try:
             rc = proc.wait(timeout=VM_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
             log(f"the VM did not power off within {VM_TIMEOUT_S} s: killed")
             return -1
+        finally:  # a timeout, or the lane itself stopped (SIGTERM, Ctrl-C): no qemu left
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     log(f"VM powered off after {time.monotonic() - started_s:.0f} s (qemu exit {rc})")
     return rc
 
@@ -334,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("pytest_args", nargs="*", help="passed to pytest in the VM (after --)")
     args = parser.parse_args(argv)
+    # SIGTERM (CI's timeout, kill) unwinds like Ctrl-C: qemu ended, the run's files removed
+    signal.signal(signal.SIGTERM, lambda _sig, _frame: sys.exit(143))
     why_not = qemu_usable()
     if why_not:
         log(f"SKIPPED: {why_not}")
