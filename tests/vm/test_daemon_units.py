@@ -86,6 +86,7 @@ def test_daemon_stays_under_its_memory_high() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(420)  # up to ~100 s of systemd's own timeouts, several times slower on TCG
 def test_watchdog_kills_a_stopped_edged_and_systemd_restarts_it() -> None:
     pid = start_edged()
     os.kill(pid, signal.SIGSTOP)  # a hung daemon: no WATCHDOG=1 any more
@@ -110,6 +111,7 @@ def test_watchdog_kills_a_stopped_edged_and_systemd_restarts_it() -> None:
     assert "Watchdog timeout" in log
 
 
+@pytest.mark.timeout(420)
 @pytest.mark.parametrize("place", ["service", "root"])
 def test_plain_config_protection_kills_the_hog_and_lifts_everything(
     units_made: list[str], place: str
@@ -210,6 +212,7 @@ def test_budget_request_exits_137_when_its_command_is_killed() -> None:
     assert done.returncode == 3, done.stderr
 
 
+@pytest.mark.timeout(420)
 def test_a_freeze_left_by_a_killed_edged_is_thawed_by_the_restarted_one(
     units_made: list[str],
 ) -> None:
@@ -255,6 +258,7 @@ def test_a_freeze_left_by_a_killed_edged_is_thawed_by_the_restarted_one(
     assert str(pid) not in STATE_FILE.read_text()
 
 
+@pytest.mark.timeout(420)
 def test_beside_systemd_oomd_edged_acts_first_and_on_the_hog(units_made: list[str]) -> None:
     """systemd-oomd as a user would enable it for a service (``ManagedOOMMemoryPressure=kill``,
     its default 60 % limit over 30 s; Debian ships no policy of its own, so without this it
