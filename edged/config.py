@@ -8,6 +8,7 @@ is an error that names the key path (``sampling.interval``) and the expected typ
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -68,17 +69,43 @@ _SIZE_FACTOR = {
 }
 
 
+def finite_number(value: object, what: str = "value") -> float:
+    """``float(value)`` for a number or numeric string, refusing whatever is not a finite
+    number edged can compute with. Only ValueError, naming ``what``: an integer past the float
+    range (a 400-digit size) raises OverflowError in float(), ``inf``/``nan`` pass float() and
+    break every comparison after it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{what} must be a number, got {type(value).__name__}")
+    try:
+        number = float(value)
+    except (OverflowError, ValueError) as exc:
+        raise ValueError(f"{what}: {str(value)[:40]!r} is not a number edged can use") from exc
+    if not math.isfinite(number):
+        raise ValueError(f"{what} must be a finite number, got {str(value)[:40]!r}")
+    return number
+
+
+def _named_duration_s(name: str, value: float | int | str) -> float:
+    """parse_duration_s with the key named in its error."""
+    try:
+        return parse_duration_s(value)
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from exc
+
+
 def parse_duration_s(value: float | int | str) -> float:
     """Seconds from a number (seconds) or a string such as ``"100ms"``, ``"1.5s"``, ``"5m"``."""
     if isinstance(value, bool):
         raise ValueError("expected a duration (seconds or '100ms', '5m'), got a boolean")
     if isinstance(value, (int, float)):
-        seconds = float(value)
+        seconds = finite_number(value, "a duration")
     else:
         m = _DURATION_RE.match(value)
         if not m:
             raise ValueError(f"expected a duration such as 1.5, '100ms', '5m'; got {value!r}")
-        seconds = float(m.group(1)) * _DURATION_UNIT_S[m.group(2)]
+        seconds = finite_number(m.group(1), "a duration") * _DURATION_UNIT_S[m.group(2)]
+        if not math.isfinite(seconds):
+            raise ValueError(f"a duration must be finite; got {value[:40]!r}")
     if seconds < 0:
         raise ValueError(f"a duration cannot be negative; got {value!r}")
     return seconds
@@ -90,12 +117,14 @@ def parse_size_bytes(value: int | float | str) -> int:
     if isinstance(value, bool):
         raise ValueError("expected a size in bytes, got a boolean")
     if isinstance(value, (int, float)):
-        size = float(value)
+        size = finite_number(value, "a size")
     else:
         m = _SIZE_RE.match(value)
         if not m:
             raise ValueError(f"expected a size such as 1073741824, '512MiB', '3.5G'; got {value!r}")
-        size = float(m.group(1)) * _SIZE_FACTOR[(m.group(2) or "").lower()]
+        size = finite_number(m.group(1), "a size") * _SIZE_FACTOR[(m.group(2) or "").lower()]
+        if not math.isfinite(size):
+            raise ValueError(f"a size must be finite; got {value[:40]!r}")
     if size < 0:
         raise ValueError(f"a size cannot be negative; got {value!r}")
     return int(size)
@@ -110,16 +139,26 @@ class Level(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     zone: str | None = None  # temperature only: a named thermal zone instead of the hottest
 
     def __post_init__(self) -> None:
+        measured: dict[str, tuple[str, float]] = {}
         for name in ("soft", "hard"):
             value = getattr(self, name)
-            if value == AUTO:
+            if value is None or value == AUTO:
                 continue  # memory only (checked by Limits): sized to the machine
-            if isinstance(value, str) and not value.strip().endswith("%"):
-                parse_size_bytes(value)  # raises ValueError with the expected forms
             if isinstance(value, str) and value.strip().endswith("%"):
-                percent = float(value.strip()[:-1])
+                percent = finite_number(value.strip()[:-1], f"{name} (a percentage)")
                 if not 0 < percent <= 100:
                     raise ValueError(f"{name}: a percentage must be in (0, 100]; got {value!r}")
+                measured[name] = ("%", percent)
+            elif isinstance(value, str):
+                # raises ValueError with the expected forms
+                measured[name] = ("", float(parse_size_bytes(value)))
+            else:
+                measured[name] = ("", finite_number(value, name))
+        soft, hard = measured.get("soft"), measured.get("hard")
+        # comparable when written alike (both percentages, or both amounts); a percentage
+        # beside an amount is resolved against the machine by the policy
+        if soft is not None and hard is not None and soft[0] == hard[0] and soft[1] > hard[1]:
+            raise ValueError(f"soft ({self.soft!r}) is above hard ({self.hard!r})")
 
 
 #: a memory level sized to the machine (see edged.policy.inputs.auto_memory_levels)
@@ -144,6 +183,11 @@ class Limits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 raise ValueError(f"{name}: 'auto' is for memory only")
 
 
+#: the longest history ring, in ticks: 36000 (10 h at 1 s, 1 h at 100 ms) is 288 KiB for each
+#: series; a validated config must be one the daemon can allocate (history = 1e12 was not)
+MAX_HISTORY_TICKS = 36_000
+
+
 class Sampling(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     interval: float | int | str = 1.0
     history: float | int | str = 300.0
@@ -156,17 +200,20 @@ class Sampling(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     rule_warn_after: float | int | str = 60.0
 
     def __post_init__(self) -> None:
-        interval_s = parse_duration_s(self.interval)
+        interval_s = _named_duration_s("interval", self.interval)
         if not 0.01 <= interval_s <= 3600:
             raise ValueError(f"interval: must be between 10ms and 1h; got {self.interval!r}")
-        history_s = parse_duration_s(self.history)
+        history_s = _named_duration_s("history", self.history)
         if history_s < interval_s:
             raise ValueError("history: must be at least one interval long")
-        parse_duration_s(self.rescan)
-        try:
-            parse_duration_s(self.rule_warn_after)
-        except ValueError as exc:
-            raise ValueError(f"rule_warn_after: {exc}") from exc
+        if history_s / interval_s > MAX_HISTORY_TICKS:
+            raise ValueError(
+                f"history: at most {MAX_HISTORY_TICKS} intervals are kept (a ring of "
+                f"{MAX_HISTORY_TICKS * 8 // 1024} KiB per series); got {self.history!r} at "
+                f"interval {self.interval!r}"
+            )
+        _named_duration_s("rescan", self.rescan)
+        _named_duration_s("rule_warn_after", self.rule_warn_after)
 
     @property
     def interval_s(self) -> float:
@@ -467,6 +514,10 @@ def _read_toml(path: Path) -> dict[str, Any]:
             return data
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"not valid TOML: {exc}", source=str(path)) from exc
+    except UnicodeDecodeError as exc:  # TOML is UTF-8; binary garbage ends here
+        raise ConfigError(
+            f"not valid TOML: not UTF-8 text (byte {exc.start}: {exc.reason})", source=str(path)
+        ) from exc
     except OSError as exc:
         raise ConfigError(f"cannot read: {exc.strerror}", source=str(path)) from exc
 

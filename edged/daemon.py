@@ -114,6 +114,8 @@ class Daemon:
         self._socket_owned = False
         self._stop = asyncio.Event()
         self._reload_requested = False
+        # the last SIGHUP's outcome, in status as "reload" (None: none since the start)
+        self.last_reload: dict[str, Any] | None = None
         self.ticks = 0
         self.overruns = 0
         self.started_s = time.monotonic()
@@ -717,13 +719,15 @@ class Daemon:
                 self._config_path, environ=self._environ, overrides=self._overrides
             )
         except config_mod.ConfigError as exc:
-            log.error("reload refused, keeping the running configuration: %s", exc)
-            self.notifier.ready("reload refused: bad configuration")
+            self._refuse_reload(str(exc))
+            return
+        except Exception as exc:
+            self._refuse_reload(f"{type(exc).__name__}: {exc}")
             return
         old = self.config
         switch_to = self._reloaded_strategy(new)
         if switch_to is False:
-            self.notifier.ready("reload refused: bad configuration")
+            self._refuse_reload("the [strategy] settings were refused (see the log)")
             return
         self.config = new
         if new.sampling != old.sampling or new.rules != old.rules or new.root != old.root:
@@ -732,9 +736,8 @@ class Daemon:
             try:
                 self._sampler = self._build_sampler()
             except config_mod.ConfigError as exc:  # the governed group is gone
-                log.error("reload refused, keeping the running configuration: %s", exc)
                 self.config, self.roots = old, old_roots
-                self.notifier.ready("reload refused: bad configuration")
+                self._refuse_reload(str(exc))
                 return
             if old_sampler is not None:
                 old_sampler.close()
@@ -760,7 +763,15 @@ class Daemon:
         if switch_to is not None and self.controller is not None:
             self.controller.switch(switch_to, "reload", "SIGHUP: the configuration's strategy")
         log.info("configuration reloaded")
+        self.last_reload = {"ok": True, "time_unix_s": round(time.time(), 3), "error": None}
         self.notifier.ready("configuration reloaded")
+
+    def _refuse_reload(self, error: str) -> None:
+        """A refused reload: the running configuration stays, and ``status`` says so
+        (``reload``) as well as the log, until a later reload succeeds."""
+        log.error("reload refused, keeping the running configuration: %s", error)
+        self.last_reload = {"ok": False, "time_unix_s": round(time.time(), 3), "error": error}
+        self.notifier.ready("reload refused: bad configuration")
 
     def _lock_memory(self, wanted: bool) -> None:
         """``[enforce] lock_memory``: lock edged's pages (at start, or a reload that turns it
@@ -964,6 +975,7 @@ class Daemon:
             "limits": msgspec.to_builtins(self.config.limits),
             "levels": self._resolved_levels(),
             "protection": self._protection(),
+            "reload": self.last_reload,
             "usage": usage,
             "sources": [msgspec.to_builtins(s) for s in (snap.sources if snap else ())],
             "clients": len(self.server.clients),

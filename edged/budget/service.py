@@ -48,7 +48,7 @@ from edged.budget.ledger import (
     Lending,
     Queued,
 )
-from edged.config import Budget, parse_size_bytes
+from edged.config import Budget, finite_number, parse_size_bytes
 from edged.policy.base import Action
 from edged.server import protocol
 from edged.server.protocol import RpcError
@@ -692,7 +692,10 @@ def _resources(value: object, name: str, *, allow_gpu: bool) -> tuple[dict[str, 
             except ValueError as exc:
                 raise _bad(f"{name}.{key}: {exc}") from exc
         elif isinstance(raw, (int, float)) and not isinstance(raw, bool):
-            amount = float(raw)
+            try:
+                amount = finite_number(raw, f"{name}.{key}")
+            except ValueError as exc:
+                raise _bad(str(exc)) from exc
         else:
             raise _bad(f"{name}.{key} must be a number")
         if not math.isfinite(amount) or amount < 0 or amount > MAX_AMOUNT[key]:
@@ -702,8 +705,12 @@ def _resources(value: object, name: str, *, allow_gpu: bool) -> tuple[dict[str, 
 
 
 def _seconds(value: object, name: str, most_s: float, *, allow_zero: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _bad(f"{name} must be a number of seconds")
+    try:
+        value = finite_number(value, name)
+    except ValueError as exc:
+        raise _bad(f"{name} must be a number of seconds: {exc}") from exc
     if value < 0 or (value == 0 and not allow_zero) or value > most_s:
         low = ">= 0" if allow_zero else "> 0"
         raise _bad(f"{name} must be {low} and at most {most_s:g} s")

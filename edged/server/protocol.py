@@ -47,12 +47,26 @@ class Request(msgspec.Struct, frozen=True):
 _encoder = msgspec.json.Encoder()
 
 
+# What decoding a hostile line can raise besides DecodeError: RecursionError for deeply nested
+# arrays/objects (a 2 KB line of "[[[[..."), and the conversions msgspec makes of strings and
+# numbers. One place turns all of them into -32700, so none reaches a caller as an exception.
+_DECODE_FAILURES = (msgspec.DecodeError, RecursionError, ValueError, OverflowError, MemoryError)
+
+
+def decode_line(line: bytes) -> Any:
+    """The JSON value of ``line``; RpcError(-32700) for anything that is not JSON edged can hold
+    (never another exception: this runs on the daemon's loop, on bytes any client sent)."""
+    try:
+        return msgspec.json.decode(line)
+    except RecursionError as exc:
+        raise RpcError(PARSE_ERROR, "parse error: nested too deeply") from exc
+    except _DECODE_FAILURES as exc:
+        raise RpcError(PARSE_ERROR, f"parse error: {str(exc)[:200]}") from exc
+
+
 def parse_request(line: bytes) -> Request:
     """Decode and validate one line; raises RpcError(-32700 or -32600) with the id if known."""
-    try:
-        obj = msgspec.json.decode(line)
-    except msgspec.DecodeError as exc:
-        raise RpcError(PARSE_ERROR, f"parse error: {exc}") from exc
+    obj = decode_line(line)
     if not isinstance(obj, dict):
         raise RpcError(INVALID_REQUEST, "a request must be a JSON object")
     rid = obj.get("id")
@@ -73,8 +87,8 @@ def request_id_of(line: bytes) -> RequestId:
     """The id of a request line, or None when it has none or does not parse (for replies to
     requests that are refused before they are dispatched)."""
     try:
-        obj = msgspec.json.decode(line)
-    except msgspec.DecodeError:
+        obj = decode_line(line)
+    except RpcError:
         return None
     rid = obj.get("id") if isinstance(obj, dict) else None
     return rid if isinstance(rid, (int, str)) and not isinstance(rid, bool) else None

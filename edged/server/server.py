@@ -465,6 +465,12 @@ class Server:
             else:
                 data = exc.data
             return protocol.encode_error(rid, exc.code, exc.message, data)
+        except (RecursionError, OverflowError) as exc:
+            # a value in the params that no conversion can hold (nested too deeply, a number
+            # past the float range) where a handler did not check it itself: the client's
+            # input, not edged's bug, so -32602 and no traceback
+            kind = "nested too deeply" if isinstance(exc, RecursionError) else "out of range"
+            return protocol.encode_error(rid, protocol.INVALID_PARAMS, f"params: a value {kind}")
         except Exception:  # a handler bug answers -32603 and is logged; the daemon goes on
             log.exception("handler for a request from pid %d failed", peer.pid)
             return protocol.encode_error(rid, protocol.INTERNAL_ERROR, "internal error")
