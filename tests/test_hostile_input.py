@@ -240,3 +240,47 @@ def test_check_config_exits_6_naming_the_key(tmp_path: Path, text: bytes, key: s
     assert done.returncode == 6, (done.stdout, done.stderr)
     assert key in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"\xff\xfe\x00\x80garbage",
+        b"[sampling]\nhistory = inf\n",
+        b"[sampling]\nhistory = 1e12\n",
+        b'[limits.memory]\nsoft = "3GiB"\nhard = "2GiB"\n',
+    ],
+)
+def test_a_refused_reload_keeps_the_config_and_shows_in_status(tmp_path: Path, bad: bytes) -> None:
+    import signal
+    import time
+
+    path = tmp_path / "edged.toml"
+    path.write_text('[sampling]\ninterval = "200ms"\nhistory = 60\n')
+    running = start_daemon(tmp_path, "--dry-run", "--config", str(path))
+    try:
+        assert running.call("status")["reload"] is None
+        path.write_bytes(bad)
+        running.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while (status := running.call("status"))["reload"] is None:
+            assert time.monotonic() < deadline, "the reload was never reported"
+            time.sleep(0.05)
+        assert status["reload"]["ok"] is False
+        assert status["reload"]["error"]
+        assert status["interval_s"] == 0.2  # the running configuration stayed
+        ticks = status["ticks"]
+        while running.call("status")["ticks"] == ticks:  # and it keeps its schedule
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        # a good file afterwards is taken, and status says so
+        path.write_text('[sampling]\ninterval = "300ms"\nhistory = 60\n')
+        running.signal(signal.SIGHUP)
+        while not (status := running.call("status"))["reload"]["ok"]:
+            assert time.monotonic() < deadline, "the good reload was never reported"
+            time.sleep(0.05)
+        assert status["interval_s"] == 0.3
+        assert running.proc.poll() is None
+        assert "Traceback" not in running.log()
+    finally:
+        assert running.stop() == 0
