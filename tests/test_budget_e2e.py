@@ -319,6 +319,21 @@ def test_another_uid_cannot_touch_roots_process_or_leases(
             own = other.call("budget.request", {"resources": {"cpu": 0.1}})["lease"]
             sleeper = subprocess.Popen(["sleep", "60"], **as_user(TEST_USER))
             child = other.call("budget.request", {"resources": {"cpu": 0.1}, "pid": sleeper.pid})
+            # a setuid-root program the user started is its process by the real uid, but
+            # runs as root: no lease on it for that user (issue 12)
+            setuid = directory / "sleep-setuid"
+            shutil.copy2(shutil.which("sleep") or "/bin/sleep", setuid)
+            setuid.chmod(0o4755)
+            privileged = subprocess.Popen([str(setuid), "60"], **as_user(TEST_USER))
+            try:
+                status = Path(f"/proc/{privileged.pid}/status").read_text()
+                uid_line = next(x for x in status.splitlines() if x.startswith("Uid:"))
+                if uid_line.split()[2] == "0":  # not on a nosuid mount: it really runs as root
+                    asked = {"resources": {"cpu": 0.1}, "pid": privileged.pid}
+                    assert other.error("budget.request", asked)["code"] == 1003
+            finally:
+                privileged.kill()
+                privileged.wait()
             seen = other.call("budget.list")["leases"]
             assert [x["lease"] for x in seen] == [own, child["lease"]]
             assert {x["uid"] for x in seen} == {test_user.pw_uid}

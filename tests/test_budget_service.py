@@ -289,3 +289,38 @@ def test_growth_is_enforced_before_budget_grow_and_a_loan_is_recalled_then_recla
         service.close()
 
     asyncio.run(scenario())
+
+
+def fake_proc_ids(root: Path, pid: int, uids: tuple[int, ...], gids: tuple[int, ...]) -> None:
+    d = root / str(pid)
+    d.mkdir(parents=True)
+    (d / "status").write_text(
+        "Name:\tx\nUid:\t" + "\t".join(map(str, uids)) + "\nGid:\t" + "\t".join(map(str, gids))
+        + "\nGroups:\t\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("uids", "gids", "allowed"),
+    [
+        ((1000, 1000, 1000, 1000), (1000, 1000, 1000, 1000), True),
+        ((1000, 0, 0, 0), (1000, 1000, 1000, 1000), False),  # a setuid-root program it ran
+        ((1000, 1000, 0, 1000), (1000, 1000, 1000, 1000), False),  # root kept as saved uid
+        ((1000, 1000, 1000, 1000), (1000, 42, 42, 42), False),  # a setgid program
+        ((1001, 1001, 1001, 1001), (1001, 1001, 1001, 1001), False),  # another user's
+        ((0, 1000, 1000, 1000), (1000, 1000, 1000, 1000), False),  # real uid root
+    ],
+)
+def test_a_lease_needs_a_process_the_caller_could_signal_with_no_more_privilege(
+    tmp_path: Path, uids: tuple[int, ...], gids: tuple[int, ...], allowed: bool
+) -> None:
+    fake_proc_ids(tmp_path, 100, (1000,) * 4, (1000,) * 4)  # the caller itself
+    fake_proc_ids(tmp_path, 200, uids, gids)
+    service = BudgetService(lambda *_: True, proc=tmp_path)
+    caller = Peer(pid=100, uid=1000, gid=1000)
+    assert service.ids_of(200) == (list(uids), list(gids))
+    from edged.budget.service import _could_signal_unprivileged
+
+    assert _could_signal_unprivileged((list(uids), list(gids)), caller.uid) is allowed
+    # root and the admin group may lease any process
+    assert service.is_admin(Peer(pid=1, uid=0, gid=0))

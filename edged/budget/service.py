@@ -335,16 +335,17 @@ class BudgetService:
         if isinstance(target, bool) or not isinstance(target, int) or not 0 < target < MAX_PID:
             raise _bad("pid must be a process id")
         # the peer itself: the kernel vouched for it at connect; another pid: /proc says whose
-        owner = peer.uid if target == peer.pid else self.uid_of(target)
-        if owner is None:
+        ids = None if target == peer.pid else self.ids_of(target)
+        if target != peer.pid and ids is None:
             raise _bad(f"no process {target}")
         if target == peer.pid and not peer.same_process():  # the pid may be reused by now
             raise _bad(f"no process {target}: the process that connected has exited")
         self._peers[peer.connection] = peer
-        if owner != peer.uid and not admin:
+        if ids is not None and not admin and not _could_signal_unprivileged(ids, peer.uid):
             raise RpcError(
                 protocol.PERMISSION_DENIED,
-                f"process {target} belongs to another user",
+                f"process {target} belongs to another user or runs with privileges its user "
+                "lacks (setuid or setgid)",
                 {"pid": target},
             )
         wait_s = _seconds(params.get("wait", 0), "wait", MAX_WAIT_S, allow_zero=True)
@@ -448,6 +449,18 @@ class BudgetService:
         """The real uid of a process; None when there is no such process."""
         uids = self._status_field(pid, "Uid:")
         return int(uids.split()[0]) if uids else None
+
+    def ids_of(self, pid: int) -> tuple[list[int], list[int]] | None:
+        """(real, effective, saved, fs uids) and the same gids of a process, from
+        /proc/PID/status; None when there is no such process."""
+        uids = self._status_field(pid, "Uid:")
+        gids = self._status_field(pid, "Gid:")
+        if not uids or not gids:
+            return None
+        try:
+            return [int(u) for u in uids.split()], [int(g) for g in gids.split()]
+        except ValueError:
+            return None
 
     def _status_field(self, pid: int, name: str) -> str | None:
         try:
@@ -657,6 +670,17 @@ class BudgetService:
 
 
 # ---- parameter checks -------------------------------------------------------------------------
+
+
+def _could_signal_unprivileged(ids: tuple[list[int], list[int]], caller_uid: int) -> bool:
+    """Whether a caller of ``caller_uid`` may put a budget on a process with these ids: every
+    uid of it (real, effective, saved, fs) is the caller's, so the caller could signal it
+    (kill(2) checks the real and saved uid) and it holds no privilege the caller lacks (a
+    setuid program run by the caller has another effective or saved uid), and it is not
+    running setgid (its gids all the same). A limit on a more privileged process would be a
+    lever on it that the caller could not otherwise pull."""
+    uids, gids = ids
+    return all(u == caller_uid for u in uids) and len(set(gids)) == 1
 
 
 def _bad(message: str) -> RpcError:
