@@ -987,6 +987,8 @@ class Daemon:
                 **{topic: len(self._subscribers(topic)) for topic in TOPICS},
                 "snapshots_skipped": self.server.skipped,
                 "closed_slow": self.server.closed_slow,
+                # error logs left out by the server's limit (one per kind per 10 s)
+                "errors_suppressed": self.server.errors_suppressed,
                 "pending_bytes": self.server.pending_bytes(),
             },
         }

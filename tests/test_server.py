@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from edged.server import protocol
 from edged.server.protocol import RpcError
@@ -169,3 +172,45 @@ def test_a_client_that_does_not_read_is_not_read_and_loses_nothing(tmp_path: Pat
         await server.close()
 
     asyncio.run(scenario())
+
+
+def test_a_client_that_breaks_a_handler_on_every_frame_cannot_flood_the_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every frame still gets its -32603 reply; the log gets one traceback per kind per
+    LOG_EVERY_S, and the rest are counted."""
+    from edged.server.server import LOG_EVERY_S
+
+    now = [1000.0]
+
+    async def broken(peer: Peer, params: Mapping[str, Any]) -> Any:
+        raise KeyError("a handler bug")
+
+    async def other(peer: Peer, params: Mapping[str, Any]) -> Any:
+        raise ValueError("another bug")
+
+    async def scenario() -> Server:
+        server, sock = serve(
+            tmp_path / "s.sock", {"broken": broken, "other": other}, clock=lambda: now[0]
+        )
+        await server.start(sock)
+        reader, writer = await asyncio.open_unix_connection(str(tmp_path / "s.sock"))
+        for rid in range(50):
+            writer.write(request(rid, "broken"))
+            assert (await read_reply(reader))["error"]["code"] == protocol.INTERNAL_ERROR
+        writer.write(request(99, "other"))  # another kind is logged on its own
+        assert (await read_reply(reader))["error"]["code"] == protocol.INTERNAL_ERROR
+        now[0] += LOG_EVERY_S + 1
+        writer.write(request(100, "broken"))  # after the period: logged, with the count
+        assert (await read_reply(reader))["error"]["code"] == protocol.INTERNAL_ERROR
+        writer.close()
+        await server.close()
+        return server
+
+    with caplog.at_level(logging.ERROR, logger="edged.server.server"):
+        server = asyncio.run(scenario())
+    failures = [r for r in caplog.records if "failed" in r.getMessage()]
+    assert len(failures) == 3
+    assert "49 more like it" in failures[2].getMessage()
+    assert all(r.exc_info for r in failures)
+    assert server.errors_suppressed == 49

@@ -68,6 +68,10 @@ MAX_PENDING_BYTES = 1 << 20
 SLOW_CLOSE_GRACE_S = 5.0
 # replies to the lines of one read are written together, in pieces of about this size
 FLUSH_BYTES = 64 * 1024
+# An error of one kind (a handler's method, a deferred reply, a close hook) is logged at most
+# once in this long; the rest are counted (Server.errors_suppressed, in status)
+LOG_EVERY_S = 10.0
+MAX_LOG_KINDS = 256
 
 
 # Python 3.11's socket module has no name for it. 77 is its number in asm-generic/socket.h,
@@ -275,6 +279,11 @@ class Server:
         self.slow_close_grace_s = slow_close_grace_s
         self.skipped = 0  # droppable notifications skipped for clients that were behind
         self.closed_slow = 0  # connections closed for not reading their notifications
+        # error logs by kind: the last time one was written, and how many were left out since
+        # (a client that makes a handler fail on every frame must not flood the journal)
+        self._logged_at_s: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+        self.errors_suppressed = 0  # in status: error logs left out in all
         # a pidfd per peer where the kernel has SO_PEERPIDFD (False: start times only)
         self.pidfds = PidfdProbe(peer_pidfds)
         self.proc = proc  # where the fallback reads a peer's start time
@@ -433,14 +442,37 @@ class Server:
 
     # ---- requests -------------------------------------------------------------------------
 
+    def log_limited(
+        self, kind: str, message: str, *args: object, exc_info: BaseException | bool = True
+    ) -> None:
+        """``log.exception(message)`` at most once per ``LOG_EVERY_S`` for each ``kind``; the
+        ones left out are counted (``errors_suppressed``) and their number is said in the next
+        one written."""
+        now_s = self.clock()
+        last_s = self._logged_at_s.get(kind)
+        if last_s is not None and now_s - last_s < LOG_EVERY_S:
+            self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
+            self.errors_suppressed += 1
+            return
+        self._logged_at_s[kind] = now_s
+        if len(self._logged_at_s) > MAX_LOG_KINDS:  # kinds come from method names: bounded
+            oldest = min(self._logged_at_s, key=self._logged_at_s.__getitem__)
+            del self._logged_at_s[oldest]
+            self._suppressed.pop(oldest, None)
+        left_out = self._suppressed.pop(kind, 0)
+        suffix = f" ({left_out} more like it in the last {LOG_EVERY_S:g} s not logged)"
+        log.error(message + (suffix if left_out else ""), *args, exc_info=exc_info)
+
     def _dispatch(self, conn: _Connection, line: bytes) -> bytes | None:
         """The reply to one line (None for a notification or a reply that comes later)."""
         peer = conn.peer
         assert peer is not None
         rid: protocol.RequestId = None
         has_id = True
+        method = "?"
         try:
             request = protocol.parse_request(line)
+            method = request.method
             rid, has_id = request.id, request.has_id
             handler = self.methods.get(request.method)
             if handler is None:
@@ -472,7 +504,11 @@ class Server:
             kind = "nested too deeply" if isinstance(exc, RecursionError) else "out of range"
             return protocol.encode_error(rid, protocol.INVALID_PARAMS, f"params: a value {kind}")
         except Exception:  # a handler bug answers -32603 and is logged; the daemon goes on
-            log.exception("handler for a request from pid %d failed", peer.pid)
+            self.log_limited(
+                f"handler:{method}",
+                "handler for a request from pid %d failed",
+                peer.pid,
+            )
             return protocol.encode_error(rid, protocol.INTERNAL_ERROR, "internal error")
         if isinstance(result, Deferred):
             if has_id:
@@ -713,7 +749,7 @@ class _Connection(asyncio.Protocol):
             if isinstance(exc, RpcError):
                 reply = protocol.encode_error(rid, exc.code, exc.message, exc.data)
             elif exc is not None:
-                log.error("a deferred reply failed", exc_info=exc)
+                self.server.log_limited("deferred", "a deferred reply failed", exc_info=exc)
                 reply = protocol.encode_error(rid, protocol.INTERNAL_ERROR, "internal error")
             else:
                 result = f.result()
@@ -741,6 +777,6 @@ class _Connection(asyncio.Protocol):
             try:
                 server.on_close(self.number)
             except Exception:  # a hook bug must not take the server down
-                log.exception("close hook for connection %d failed", self.number)
+                server.log_limited("close-hook", "close hook for connection %d failed", self.number)
         if self.peer is not None and self.peer.process is not None:
             self.peer.process.close()
